@@ -1,0 +1,28 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo benchmarks clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; a second `make setup` is a no-op.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/python -m mmlatent.demo --out runs/demo
+
+benchmarks: setup
+	$(BIN)/python benchmarks/dataloader.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,7 @@
+"""`python -m mmlatent ...` is the `mmlatent` command."""
+
+import sys
+
+from mmlatent.cli import main
+
+sys.exit(main())

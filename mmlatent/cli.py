@@ -1,0 +1,76 @@
+"""The `mmlatent` command: Lightning's `fit|validate|test|predict` plus `data`, `eval` and `export`.
+
+The four training subcommands are LightningCLI, so every option of the model, the data module and the
+Trainer is typed and documented (`mmlatent fit --help`, `--print_config`). The other subcommands have
+their own small parsers. The dispatch is by the first word only.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+HELP = """usage: mmlatent COMMAND [options]
+
+Train vision-language models to reason in latent space.
+
+commands:
+  fit        train a stage (LightningCLI): mmlatent fit -c train/configs/tiny/stage1.yaml
+  validate   run the validation loop on a checkpoint
+  test       run the test loop on a checkpoint
+  predict    generate answers for the validation shards
+  data       write shards: `mmlatent data synth --out DIR --train N --val M`
+  eval       score a model on MMMU / ScienceQA (arrives with the evaluation issue)
+  export     write a Hub-ready folder from a checkpoint (arrives with the export issue)
+
+Run `mmlatent COMMAND --help` for a command's options.
+"""
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+    "log_every_n_steps": 10,
+}
+
+
+class MMLatentCLI(LightningCLI):
+    """LightningCLI with mmlatent's module and data module and CSV logging by default."""
+
+    def __init__(self, args: list[str]):
+        from mmlatent.training.datamodule import ShardDataModule
+        from mmlatent.training.module import LatentVLMModule
+
+        super().__init__(
+            LatentVLMModule,
+            ShardDataModule,
+            args=args,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "mmlatent"},
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_COMMANDS:
+        MMLatentCLI([command, *rest])
+        return 0
+    if command == "data":
+        from mmlatent.data.command import main as data_main
+
+        return data_main(rest)
+    if command in ("eval", "export"):
+        print(f"mmlatent {command}: not available in this version yet", file=sys.stderr)
+        return 2
+    print(f"mmlatent: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The one small interface every VLM backbone offers, and the composed backbone behind it.
+
+Everything above this file (the latent loop, stages, generation, evaluation) talks to a `Backbone` only:
+images to LM-space tokens, text ids to embeddings, and one LM forward on `inputs_embeds` with explicit
+position ids, an optional KV cache and, on request, the hidden states of every layer. The composed
+backbone is `VisionTower -> Projector -> AutoModelForCausalLM`; native HF VLMs implement the same methods.
+
+The LM forward calls the decoder (`get_decoder()`) and the output head separately, so callers that need
+logits only at a few positions (a latent step, the last prompt token) do not pay for the full vocabulary
+projection everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from transformers import Cache, DynamicCache, PreTrainedModel
+
+from mmlatent.model.projector import Projector, ProjectorConfig
+from mmlatent.model.vision_tower import VisionTower, VisionTowerConfig
+
+
+@dataclass
+class LMOutput:
+    """What one LM forward returns."""
+
+    last_hidden: Tensor
+    """(B, L, D) final-layer hidden states (after the final norm)."""
+    logits: Tensor | None
+    """(B, L, V) next-token logits, or None when `logits=False` was asked."""
+    hidden_states: tuple[Tensor, ...] | None
+    """num_layers + 1 tensors of (B, L, D) (embeddings first), when asked for."""
+    cache: Cache | None
+    """The KV cache after this forward, when one was passed or `use_cache=True`."""
+
+
+class Backbone(nn.Module):
+    """Abstract VLM backbone. Subclasses set `hidden_size`, `num_layers`, `tokens_per_image`."""
+
+    hidden_size: int
+    num_layers: int
+    tokens_per_image: int
+
+    def image_transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, tokens_per_image, D) visual tokens in LM space."""
+        raise NotImplementedError
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """(B, L) -> (B, L, D) token embeddings."""
+        raise NotImplementedError
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        """(..., D) -> (..., V) logits."""
+        raise NotImplementedError
+
+    def new_cache(self) -> Cache:
+        raise NotImplementedError
+
+    def forward_lm(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor,
+        cache: Cache | None = None,
+        output_hidden_states: bool = False,
+        logits: bool = True,
+    ) -> LMOutput:
+        raise NotImplementedError
+
+
+class ComposedBackbone(Backbone):
+    """Vision tower (open_clip or timm) -> projector -> any causal LM from transformers."""
+
+    def __init__(self, vision_cfg: VisionTowerConfig, projector_cfg: ProjectorConfig, lm: PreTrainedModel):
+        super().__init__()
+        self.vision = VisionTower(vision_cfg)
+        self.lm = lm
+        self.hidden_size = lm.config.get_text_config().hidden_size
+        self.num_layers = lm.config.get_text_config().num_hidden_layers
+        self.projector = Projector(projector_cfg, self.vision.hidden_size, self.hidden_size, self.vision.grid_size)
+        self.tokens_per_image = self.projector.num_tokens
+
+    def image_transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
+        return self.vision.image_transform(train=train)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        feats = self.vision(pixel_values)  # (N, T_patch, D_vision)
+        return self.projector(feats.to(self.projector_dtype))  # (N, tokens_per_image, D)
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.lm.get_input_embeddings()(input_ids)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        return self.lm.get_output_embeddings()(hidden)
+
+    def new_cache(self) -> Cache:
+        return DynamicCache(config=self.lm.config)
+
+    def forward_lm(
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor,
+        cache: Cache | None = None,
+        output_hidden_states: bool = False,
+        logits: bool = True,
+    ) -> LMOutput:
+        out = self.lm.get_decoder()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            output_hidden_states=output_hidden_states,
+        )
+        last = out.last_hidden_state  # (B, L, D)
+        return LMOutput(
+            last_hidden=last,
+            logits=self.lm_head(last) if logits else None,
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            cache=getattr(out, "cache", None),
+        )

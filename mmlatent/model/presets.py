@@ -1,0 +1,71 @@
+"""Registry of named model presets, as timm's `create_model` names and litgpt's `Config.from_name`.
+
+A preset is a function returning a fresh `ModelConfig`; it is looked up by exact name, never by matching
+substrings. `tiny` is what tests, benchmarks and the demo use: about 1.6M parameters, 64-pixel images cut
+into 16 patches of 16 pixels (one patch per cell of the synthetic grid), a 4-layer 128-wide Qwen2-shaped
+LM and the synthetic byte-level BPE tokenizer. Its vision tower trains (`freeze=False`) because a random
+tower has nothing to preserve; real presets keep the pretrained tower frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from mmlatent.model.config import ModelConfig
+from mmlatent.model.language_model import LanguageModelConfig, RandomLMConfig
+from mmlatent.model.projector import ProjectorConfig
+from mmlatent.model.tokenizer import TokenizerConfig
+from mmlatent.model.vision_tower import VisionTowerConfig
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[], ModelConfig]], Callable[[], ModelConfig]]:
+    def add(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+        if name in PRESETS:
+            raise ValueError(f"preset {name!r} registered twice")
+        PRESETS[name] = fn
+        return fn
+
+    return add
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh `ModelConfig` for preset `name`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _tiny_lm() -> LanguageModelConfig:
+    return LanguageModelConfig(random_init=RandomLMConfig(hidden_size=128, num_hidden_layers=4, intermediate_size=384))
+
+
+@register("tiny")
+def tiny() -> ModelConfig:
+    return ModelConfig(
+        vision=VisionTowerConfig(
+            library="timm", name="vit_tiny_patch16_224", image_size=64, depth=2, width=96, heads=3, freeze=False
+        ),
+        projector=ProjectorConfig(kind="mlp", pixel_shuffle=1),
+        lm=_tiny_lm(),
+        tokenizer=TokenizerConfig(),
+    )
+
+
+@register("tiny-open-clip")
+def tiny_open_clip() -> ModelConfig:
+    cfg = tiny()
+    cfg.vision = VisionTowerConfig(library="open_clip", name="mmlatent-vit-tiny-16", image_size=64, freeze=False)
+    return cfg
+
+
+@register("siglip-qwen2.5-0.5b")
+def siglip_qwen2_5_0_5b() -> ModelConfig:
+    """A real composed VLM: SigLIP ViT-B/16 (open_clip, WebLI weights, frozen) + Qwen2.5-0.5B-Instruct."""
+    return ModelConfig(
+        vision=VisionTowerConfig(library="open_clip", name="ViT-B-16-SigLIP", pretrained="webli", freeze=True),
+        projector=ProjectorConfig(kind="mlp", pixel_shuffle=2),
+        lm=LanguageModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16"),
+        tokenizer=TokenizerConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct"),
+    )

@@ -1,0 +1,113 @@
+"""The LightningModule: builds a `LatentVLM`, asks its stage for losses, sums and logs them.
+
+Like open_clip's task wrapper, the module owns no loss logic: the stage returns named `*_loss` terms, the
+module adds them up, logs each, and steps the optimiser with the one LR schedule of `optim.py`. It also
+keeps the data pipeline's skip counts (riding on each batch) and logs them per epoch, so a run on bad
+shards says what it dropped. Hyper-parameters are saved as plain dicts so checkpoints load with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from mmlatent.data.batch import Batch
+from mmlatent.data.processor import Processor, ProcessorConfig
+from mmlatent.model.config import ModelConfig
+from mmlatent.model.generation import GenerationConfig, generate
+from mmlatent.model.latent_vlm import LatentVLM
+from mmlatent.model.presets import preset
+from mmlatent.training.optim import OptimConfig, build_optimizer
+from mmlatent.training.stages import StageConfig, build_stage
+
+log = logging.getLogger(__name__)
+
+
+class LatentVLMModule(L.LightningModule):
+    """Trains one stage of a `LatentVLM`."""
+
+    def __init__(
+        self,
+        vlm: ModelConfig | None = None,
+        stage: StageConfig | None = None,
+        optim: OptimConfig | None = None,
+        generation: GenerationConfig | None = None,
+    ):
+        """
+        Args:
+            vlm: The model to build (vision tower, projector, LM, tokenizer). Default: the `tiny` preset.
+            stage: Which stage to train and its loss weights.
+            optim: AdamW, warm-up and decay, per-module learning-rate multiples.
+            generation: Decoding settings for `predict` (and evaluation during training).
+        """
+        super().__init__()
+        self.vlm_cfg = vlm if vlm is not None else preset("tiny")
+        self.stage_cfg = stage if stage is not None else StageConfig()
+        self.optim_cfg = optim if optim is not None else OptimConfig()
+        self.gen_cfg = generation if generation is not None else GenerationConfig()
+        self.save_hyperparameters(
+            {
+                "vlm": asdict(self.vlm_cfg),
+                "stage": asdict(self.stage_cfg),
+                "optim": asdict(self.optim_cfg),
+                "generation": asdict(self.gen_cfg),
+            }
+        )
+        self.model = LatentVLM(self.vlm_cfg)
+        self.stage = build_stage(self.stage_cfg)
+        self.skipped: Counter = Counter()
+
+    def build_processor(self, train: bool, cfg: ProcessorConfig | None = None) -> Processor:
+        """The data processor matching this model and stage (called by the data module)."""
+        backbone = self.model.backbone
+        return Processor(
+            self.model.tokenizer,
+            backbone.image_transform(train=False),
+            backbone.tokens_per_image,
+            self.stage.layout(),
+            cfg or ProcessorConfig(),
+        )
+
+    def _step(self, batch: Batch, prefix: str) -> Tensor:
+        self.skipped.update(batch.skipped)
+        losses = self.stage.losses(self.model, batch)
+        total = torch.stack(list(losses.values())).sum()
+        bs = len(batch)
+        for name, value in losses.items():
+            self.log(f"{prefix}/{name}", value, batch_size=bs, sync_dist=prefix != "train")
+        self.log(f"{prefix}/loss", total, prog_bar=True, batch_size=bs, sync_dist=prefix != "train")
+        return total
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
+        """Generate an answer for each sample's prompt (the chat up to the assistant turn)."""
+        texts = generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+        return [{"key": k, "response": t, "answer": a} for k, t, a in zip(batch.keys, texts, batch.answers)]
+
+    def on_train_epoch_start(self) -> None:
+        self.skipped.clear()
+
+    def on_train_epoch_end(self) -> None:
+        total = sum(self.skipped.values())
+        self.log("data/skipped", float(total), reduce_fx="sum", sync_dist=True)
+        if total:
+            log.warning("epoch %d: skipped %d samples by reason %s", self.current_epoch, total, dict(self.skipped))
+
+    def configure_optimizers(self):
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1000
+        opt, sched = build_optimizer(self.model, self.optim_cfg, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,146 @@
+"""The shard stream: round trip, bad data skipped and counted, equal steps, clear errors."""
+
+from __future__ import annotations
+
+import io
+from functools import partial
+
+import pytest
+import torch
+from PIL import Image
+
+from mmlatent.data.batch import collate
+from mmlatent.data.pipeline import EpochLoader, ShardStream
+from mmlatent.data.processor import Processor, SequenceLayout
+from mmlatent.data.shard_writer import RawSample, write_shards
+from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
+from mmlatent.training.datamodule import ShardDataModule, SplitConfig
+
+T = 4
+
+
+def raw(i: int) -> RawSample:
+    meta = {
+        "id": f"s{i}",
+        "source": "test",
+        "answer": "A",
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "ref": "img0"}, {"type": "text", "text": f"Question {i}?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "<observation>red</observation> A"}]},
+        ],
+    }
+    return RawSample(key=f"s{i:04d}", meta=meta, images={"img0": Image.new("RGB", (8, 8), (i, 0, 0))})
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.tensor(img.getpixel((0, 0)), dtype=torch.float32).view(3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return Processor(load_tokenizer(TokenizerConfig()), to_tensor, T, SequenceLayout())
+
+
+def stream(urls, processor, batch_size=4, **kw) -> ShardStream:
+    return ShardStream(urls, processor, partial(collate, pad_id=processor.ids.pad), batch_size, shuffle_buffer=0, loop=False, **kw)
+
+
+def read_all(s: ShardStream):
+    batches = list(s)
+    keys = [k for b in batches for k in b.keys]
+    skipped: dict[str, int] = {}
+    for b in batches:
+        for r, n in b.skipped.items():
+            skipped[r] = skipped.get(r, 0) + n
+    return batches, keys, skipped
+
+
+def test_round_trip_every_sample_once(tmp_path, processor):
+    stats = write_shards((raw(i) for i in range(12)), tmp_path, samples_per_shard=5, progress=False)
+    assert stats.written == 12 and len(stats.shards) == 3
+    batches, keys, skipped = read_all(stream(stats.shards, processor, batch_size=3))
+    assert sorted(keys) == [f"s{i:04d}" for i in range(12)] and skipped == {}
+    b = batches[0]
+    assert b.pixel_values.shape == (3, 3, 1, 1)
+    assert b.pixel_values[:, 0, 0, 0].tolist() == [float(int(k[1:])) for k in b.keys]  # image i belongs to sample i
+
+
+def _replace_member(tar_path, member: str, data: bytes) -> None:
+    """Rewrite one member of a tar with other bytes (same name): a corrupt image inside a good tar."""
+    import tarfile
+
+    members = []
+    with tarfile.open(tar_path) as tf:
+        for m in tf.getmembers():
+            members.append((m, tf.extractfile(m).read()))
+    with tarfile.open(tar_path, "w") as tf:
+        for m, payload in members:
+            payload = data if m.name == member else payload
+            m.size = len(payload)
+            tf.addfile(m, io.BytesIO(payload))
+
+
+def test_undecodable_image_and_corrupt_tar_are_skipped_and_counted(tmp_path, processor):
+    stats = write_shards((raw(i) for i in range(8)), tmp_path, samples_per_shard=4, progress=False)
+    _replace_member(stats.shards[0], "s0001.img0.png", b"\x89PNG\r\n\x1a\n not really a png")
+    # second shard: cut in the middle of a member, a truncated tar
+    data = open(stats.shards[1], "rb").read()
+    open(stats.shards[1], "wb").write(data[: len(data) // 2 + 100])
+    batches, keys, skipped = read_all(stream(stats.shards, processor, batch_size=1))
+    assert skipped.get("bad_image") == 1
+    assert skipped.get("truncated_tar") == 1
+    assert "s0001" not in keys and {"s0000", "s0002", "s0003", "s0004"} <= set(keys)
+
+
+def test_corrupt_header_mid_tar_is_counted_not_silent(tmp_path, processor):
+    import tarfile
+
+    stats = write_shards((raw(i) for i in range(4)), tmp_path, samples_per_shard=4, progress=False)
+    with tarfile.open(stats.shards[0]) as tf:
+        offset = tf.getmembers()[4].offset  # header of s0002's first member
+    data = bytearray(open(stats.shards[0], "rb").read())
+    data[offset : offset + 100] = b"\xff" * 100
+    open(stats.shards[0], "wb").write(bytes(data))
+    _, keys, skipped = read_all(stream(stats.shards, processor, batch_size=1))
+    assert keys == ["s0000", "s0001"] and skipped == {"corrupt_tar": 1}
+
+
+def test_missing_image_member_is_skipped_and_counted(tmp_path, processor):
+    import tarfile
+
+    stats = write_shards((raw(i) for i in range(4)), tmp_path, samples_per_shard=4, progress=False)
+    path = stats.shards[0]
+    with tarfile.open(path) as tf:
+        kept = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if m.name != "s0002.img0.png"]
+    with tarfile.open(path, "w") as tf:
+        for m, payload in kept:
+            tf.addfile(m, io.BytesIO(payload))
+    _, keys, skipped = read_all(stream([path], processor, batch_size=1))
+    assert skipped == {"missing_image": 1} and "s0002" not in keys and len(keys) == 3
+
+
+def test_epoch_loader_gives_exact_batches_and_loops(tmp_path, processor):
+    stats = write_shards((raw(i) for i in range(6)), tmp_path, samples_per_shard=3, progress=False)
+    s = ShardStream(stats.shards, processor, partial(collate, pad_id=processor.ids.pad), 4, shuffle_buffer=0)
+    loader = EpochLoader(s, batches=5, num_workers=2)  # 5 batches of 4 > 6 samples: the stream loops
+    assert len(loader) == 5 and len(list(loader)) == 5
+
+
+def test_all_shards_unreadable_is_a_clear_error(tmp_path, processor):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"this is no tar" * 100)
+    loader = EpochLoader(stream([str(bad)], processor), batches=2, num_workers=0)
+    with pytest.raises(RuntimeError, match="every shard failed"):
+        list(loader)
+
+
+def test_fewer_shards_than_workers_is_a_clear_error(tmp_path, processor):
+    write_shards((raw(i) for i in range(8)), tmp_path / "train", samples_per_shard=8, progress=False)
+    dm = ShardDataModule(train=SplitConfig(shards=str(tmp_path / "train"), samples=8), batch_size=2, num_workers=2)
+    dm.attach_processors(processor, processor)
+    with pytest.raises(ValueError, match=r"1 shard\(s\) but 1 rank\(s\) × 2 worker"):
+        dm.train_dataloader()
+    dm = ShardDataModule(train=SplitConfig(shards=str(tmp_path / "nothing")), batch_size=2)
+    dm.attach_processors(processor, processor)
+    with pytest.raises(ValueError, match="data.train.shards"):
+        dm.train_dataloader()

@@ -1,0 +1,107 @@
+"""The processor renders chats into ids, labels, weights and images according to the layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from mmlatent.data.batch import IGNORE_INDEX, collate
+from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
+from mmlatent.data.sample import SampleError
+from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
+
+T = 4  # tokens per image in these tests
+
+
+def sample() -> dict:
+    meta = {
+        "id": "s0",
+        "source": "test",
+        "answer": "A",
+        "choices": ["red", "blue"],
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "ref": "img0"}, {"type": "text", "text": "Which colour?"}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Look at the cell."},
+                    {"type": "aux_image", "ref": "aux0"},
+                    {"type": "text", "text": "<observation>It is red.</observation> The answer is A."},
+                ],
+            },
+        ],
+    }
+    images = {"img0": Image.new("RGB", (8, 8), "red"), "aux0": Image.new("RGB", (8, 8), "blue")}
+    return {"key": "k0", "meta": meta, "images": images}
+
+
+def colour_mean(img: Image.Image) -> torch.Tensor:
+    """A stand-in transform whose output identifies the image."""
+    return torch.tensor(img.getpixel((0, 0)), dtype=torch.float32).view(3, 1, 1).expand(3, 2, 2).clone()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(TokenizerConfig())
+
+
+def test_stage1_layout_inline_aux_images_and_observation_weights(tok):
+    proc = Processor(tok, colour_mean, T, SequenceLayout(aux_images="inline", observation_weight=2.0))
+    out = proc(sample())
+    ids = proc.ids
+    assert int((out.input_ids == ids.image).sum()) == 2 * T
+    assert out.pixel_values.shape == (2, 3, 2, 2)
+    assert out.pixel_values[0, 0, 0, 0] == 255 and out.pixel_values[1, 2, 0, 0] == 255  # question, then aux
+    labelled = out.labels != IGNORE_INDEX
+    # nothing before the assistant turn and no image token is labelled
+    assert not labelled[: out.prompt_length].any()
+    assert not labelled[out.input_ids == ids.image].any()
+    # the assistant text decodes back, and the turn ends with <|im_end|> which is labelled
+    text = tok.decode(out.labels[labelled])
+    assert "Look at the cell." in text and "The answer is A." in text and text.endswith("<|im_end|>")
+    # tokens strictly inside the observation span weigh 2, other labelled tokens 1, the rest 0
+    open_at = int((out.input_ids == ids.observation_open).nonzero())
+    close_at = int((out.input_ids == ids.observation_close).nonzero())
+    assert torch.all(out.loss_weights[open_at + 1 : close_at] == 2.0)
+    assert tok.decode(out.input_ids[open_at + 1 : close_at]) == "It is red."
+    assert out.loss_weights[open_at] == 1.0 and out.loss_weights[close_at] == 1.0
+    assert torch.all(out.loss_weights[~labelled] == 0)
+    assert set(out.loss_weights[labelled].unique().tolist()) == {1.0, 2.0}
+
+
+def test_direct_layout_answers_at_once(tok):
+    layout = SequenceLayout(aux_images="drop", reasoning="answer_only", observation_weight=1.0)
+    out = Processor(tok, colour_mean, T, layout)(sample())
+    assert out.pixel_values.shape[0] == 1  # the question image only
+    text = tok.decode(out.labels[out.labels != IGNORE_INDEX])
+    assert text == "The answer is A.<|im_end|>"
+    prompt = tok.decode(out.input_ids[: out.prompt_length])
+    assert prompt.endswith("<|im_start|>assistant\n") and "Which colour?" in prompt
+
+
+def test_overlong_is_dropped_or_truncated(tok):
+    full = Processor(tok, colour_mean, T, SequenceLayout())(sample())
+    short = ProcessorConfig(max_length=full.input_ids.numel() - 3)
+    with pytest.raises(SampleError) as err:
+        Processor(tok, colour_mean, T, SequenceLayout(), short)(sample())
+    assert err.value.reason == "too_long"
+    cut = Processor(tok, colour_mean, T, SequenceLayout(), ProcessorConfig(max_length=short.max_length, overlong="truncate"))(sample())
+    assert cut.input_ids.numel() == short.max_length
+    torch.testing.assert_close(cut.input_ids, full.input_ids[: short.max_length])
+
+
+def test_collate_pads_right_with_positions(tok):
+    proc = Processor(tok, colour_mean, T, SequenceLayout())
+    a = proc(sample())
+    s = sample()
+    s["meta"]["messages"][1]["content"][0]["text"] = "Look."
+    b = proc(s)
+    batch = collate([a, b], pad_id=proc.ids.pad)
+    L = batch.input_ids.shape[1]
+    assert L % 8 == 0 and L >= max(a.input_ids.numel(), b.input_ids.numel())
+    assert batch.attention_mask[1].sum() == b.input_ids.numel()
+    assert torch.all(batch.labels[1, b.input_ids.numel():] == IGNORE_INDEX)
+    assert torch.all(batch.loss_weights[1, b.input_ids.numel():] == 0)
+    assert torch.equal(batch.position_ids[0], torch.arange(L))
+    assert batch.pixel_values.shape[0] == 4

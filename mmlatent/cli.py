@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import sys
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+
+# Field docstrings of the typed configs (attribute docstrings, as litgpt writes them) become --help text.
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -38,7 +42,7 @@ TRAINER_DEFAULTS = {
 class MMLatentCLI(LightningCLI):
     """LightningCLI with mmlatent's module and data module and CSV logging by default."""
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str] | None):
         from mmlatent.training.datamodule import ShardDataModule
         from mmlatent.training.module import LatentVLMModule
 
@@ -53,13 +57,14 @@ class MMLatentCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
-        MMLatentCLI([command, *rest])
+        MMLatentCLI(None if from_shell else [command, *rest])  # None: LightningCLI reads sys.argv itself
         return 0
     if command == "data":
         from mmlatent.data.command import main as data_main

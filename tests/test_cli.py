@@ -62,5 +62,6 @@ def test_stage1_fit_overfits_a_small_fixed_set(tmp_path, monkeypatch):
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 60
     start, end = sum(losses[:3]) / 3, sum(losses[-4:]) / 4
-    assert end < 0.35 * start, (start, end)
+    print(f"overfit: loss {start:.3f} -> {end:.3f}")
+    assert end < 0.2 * start, (start, end)
     assert (tmp_path / "runs/tiny/stage1/checkpoints/last.ckpt").exists()

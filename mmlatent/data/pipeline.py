@@ -206,6 +206,10 @@ class EpochLoader:
         self.stream = stream
         self.batches = batches
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        # what Lightning inspects on a loader: an iterable dataset (so it never injects a sampler) and
+        # a `sampler.set_epoch`
+        self.dataset = stream
+        self.batch_sampler = None
         self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:

@@ -113,6 +113,9 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.task_mix, dict):  # e.g. read back from a manifest
+            unknown = sorted(set(self.task_mix) - set(TASK_KINDS))
+            if unknown:
+                raise ValueError(f"task_mix: unknown task kinds {unknown}; known: {TASK_KINDS}")
             self.task_mix = TaskMix(**self.task_mix)
         self.palette, self.hops = tuple(self.palette), tuple(self.hops)
         if self.grid_size < 2:
@@ -227,7 +230,8 @@ def build_meta(cfg: SynthConfig, p: Puzzle, key: str) -> dict:
     steps: list[dict] = []
     for i, cell in enumerate(p.path):
         if i == 0:
-            move = f"Look at the cell in {_where(cell)}." if p.task == "lookup" else f"The framed cell is in {_where(cell)}."
+            lead = "Look at the cell in" if p.task == "lookup" else "The framed cell is in"
+            move = f"{lead} {_where(cell)}."
         else:
             move = f"Moving {DIRECTIONS[p.arrows[p.path[i - 1]]]} leads to {_where(cell)}."
         if i == len(p.path) - 1:
@@ -325,7 +329,8 @@ def render_images(cfg: SynthConfig, p: Puzzle) -> dict[str, Image.Image]:
     dimmed = (base * (1.0 - cfg.aux_dim) + grey * cfg.aux_dim).round().astype(np.uint8)  # (H, W, 3)
     for i, (r, c) in enumerate(p.path):
         aux = dimmed.copy()
-        aux[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = base[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
+        rows, cols = slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell)
+        aux[rows, cols] = base[rows, cols]  # (cell, cell, 3): the step's cell at full colour
         _draw_frame(aux, (r, c), cell)
         images[f"aux{i}"] = Image.fromarray(aux, "RGB")
     return images
@@ -402,7 +407,8 @@ def synthesize(
             "shards": [Path(s).relative_to(out).as_posix() for s in stats.shards],
         }
     manifest = {"seed": seed, "generator": asdict(cfg), "splits": splits, "format_version": FORMAT_VERSION}
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, out / "manifest.json")
-    return manifest
+    return json.loads(text)  # exactly what the file holds (tuples become lists)

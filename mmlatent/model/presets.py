@@ -45,7 +45,8 @@ def _tiny_lm() -> LanguageModelConfig:
 def tiny() -> ModelConfig:
     return ModelConfig(
         vision=VisionTowerConfig(
-            library="timm", name="vit_tiny_patch16_224", image_size=64, depth=2, width=96, heads=3, freeze=False
+            library="timm", name="vit_tiny_patch16_224", image_size=64, depth=2, width=96, heads=3,
+            crop_pct=1.0, freeze=False,
         ),
         projector=ProjectorConfig(kind="mlp", pixel_shuffle=1),
         lm=_tiny_lm(),

@@ -69,19 +69,19 @@ class ShardDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train: SplitConfig | None = None,
-        val: SplitConfig | None = None,
+        train: SplitConfig = SplitConfig(shards="data/synth/train"),
+        val: SplitConfig = SplitConfig(shards="data/synth/val"),
         batch_size: int = 16,
         num_workers: int = 2,
         shuffle_buffer: int = 500,
         resampled: bool = False,
         seed: int = 0,
-        processor: ProcessorConfig | None = None,
+        processor: ProcessorConfig = ProcessorConfig(),
     ):
         """
         Args:
             train: Training shards (`--data.train.shards=DIR`). The tiny configs point at `data/synth/train`.
-            val: Validation shards; also used by `validate`, `test` and `predict`.
+            val: Validation shards; also used by `validate`, `test` and `predict`. Empty `shards`: no validation.
             batch_size: Samples per batch on each rank.
             num_workers: Data-loader worker processes per rank (0 reads in the main process).
             shuffle_buffer: Size of the in-memory sample shuffle buffer (0 disables; validation never shuffles).
@@ -91,14 +91,14 @@ class ShardDataModule(L.LightningDataModule):
             processor: Sequence-length limit and the policy for longer samples.
         """
         super().__init__()
-        self.train_cfg = train or SplitConfig(shards="data/synth/train")
-        self.val_cfg = val
+        self.train_cfg = train
+        self.val_cfg = val if val.shards else None
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.seed = seed
-        self.processor_cfg = processor or ProcessorConfig()
+        self.processor_cfg = processor
         self._processor: Processor | None = None
         self._eval_processor: Processor | None = None
         if batch_size < 1:

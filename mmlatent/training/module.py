@@ -9,6 +9,7 @@ shards says what it dropped. Hyper-parameters are saved as plain dicts so checkp
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from dataclasses import asdict
@@ -34,10 +35,10 @@ class LatentVLMModule(L.LightningModule):
 
     def __init__(
         self,
-        vlm: ModelConfig | None = None,
-        stage: StageConfig | None = None,
-        optim: OptimConfig | None = None,
-        generation: GenerationConfig | None = None,
+        vlm: ModelConfig = preset("tiny"),
+        stage: StageConfig = StageConfig(),
+        optim: OptimConfig = OptimConfig(),
+        generation: GenerationConfig = GenerationConfig(),
     ):
         """
         Args:
@@ -47,10 +48,8 @@ class LatentVLMModule(L.LightningModule):
             generation: Decoding settings for `predict` (and evaluation during training).
         """
         super().__init__()
-        self.vlm_cfg = vlm if vlm is not None else preset("tiny")
-        self.stage_cfg = stage if stage is not None else StageConfig()
-        self.optim_cfg = optim if optim is not None else OptimConfig()
-        self.gen_cfg = generation if generation is not None else GenerationConfig()
+        # defaults are shared objects: keep private copies
+        self.vlm_cfg, self.stage_cfg, self.optim_cfg, self.gen_cfg = copy.deepcopy((vlm, stage, optim, generation))
         self.save_hyperparameters(
             {
                 "vlm": asdict(self.vlm_cfg),

@@ -50,7 +50,7 @@ def main() -> None:
     data = out / "data"
     if not (data / "manifest.json").exists():
         print(f"[1/2] writing synthetic shards to {data}")
-        synthesize(data, SynthConfig(), train=args.train, val=args.val, seed=0, samples_per_shard=500)
+        synthesize(data, SynthConfig(), train=args.train, val=args.val, seed=0, samples_per_shard=250)
     stage1 = out / "stage1"
     ckpt = stage1 / "checkpoints" / "last.ckpt"
     print(f"[2/2] stage 1 (SFT teacher) -> {ckpt}")

@@ -65,3 +65,26 @@ def test_stage1_fit_overfits_a_small_fixed_set(tmp_path, monkeypatch):
     print(f"overfit: loss {start:.3f} -> {end:.3f}")
     assert end < 0.2 * start, (start, end)
     assert (tmp_path / "runs/tiny/stage1/checkpoints/last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_fit_counts_damaged_shards_then_predict_writes_answers(tmp_path, monkeypatch):
+    """A truncated shard does not stop the run; its damage is counted in the metrics. Predict writes JSONL."""
+    import json
+
+    from mmlatent.cli import main
+    from mmlatent.data.synthetic import SynthConfig, synthesize
+
+    synthesize(tmp_path / "synth", SynthConfig(), train=32, val=16, seed=2, samples_per_shard=8, progress=False)
+    shard = sorted((tmp_path / "synth" / "train").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    monkeypatch.chdir(tmp_path)
+    common = ["-c", STAGE1, "--data.train.shards=synth/train", "--data.val.shards=synth/val", "--data.batch_size=8",
+              "--data.num_workers=0", "--trainer.enable_progress_bar=false"]
+    main(["fit", *common, "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1"])
+    rows = list(csv.DictReader(open(tmp_path / "runs/tiny/stage1/logs/version_0/metrics.csv")))
+    skipped = [float(r["data/skipped"]) for r in rows if r.get("data/skipped")]
+    assert skipped and skipped[-1] >= 1
+    main(["predict", *common, "--ckpt_path=runs/tiny/stage1/checkpoints/last.ckpt", "--model.generation.max_new_tokens=8"])
+    lines = [json.loads(x) for x in open(tmp_path / "runs/tiny/stage1/predictions/predictions.rank0.jsonl")]
+    assert len(lines) == 16 and {"key", "response", "answer"} <= set(lines[0])

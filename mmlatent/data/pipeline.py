@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import random
+import warnings
 import tarfile
 from collections import Counter
 from typing import Callable, Iterable, Iterator
@@ -28,6 +29,10 @@ from mmlatent.data.sample import IMAGE_EXTENSIONS, SampleError, validate_sample
 from mmlatent.data.tar_reader import DamagedTar, tar_samples
 
 log = logging.getLogger(__name__)
+
+# wds.DataPipeline defines __len__; Lightning then warns that workers may duplicate data. Here every worker
+# reads its own shard slice (split_by_worker) and `EpochLoader` sets the epoch length, so it does not apply.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 class SkipCounter:

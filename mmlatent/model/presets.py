@@ -1,7 +1,7 @@
 """Registry of named model presets, as timm's `create_model` names and litgpt's `Config.from_name`.
 
 A preset is a function returning a fresh `ModelConfig`; it is looked up by exact name, never by matching
-substrings. `tiny` is what tests, benchmarks and the demo use: about 1.6M parameters, 64-pixel images cut
+substrings. `tiny` is what tests, benchmarks and the demo use: about 1.2M parameters, 64-pixel images cut
 into 16 patches of 16 pixels (one patch per cell of the synthetic grid), a 4-layer 128-wide Qwen2-shaped
 LM and the synthetic byte-level BPE tokenizer. Its vision tower trains (`freeze=False`) because a random
 tower has nothing to preserve; real presets keep the pretrained tower frozen.

@@ -124,7 +124,10 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, split: SplitConfig, name: str, train: bool) -> EpochLoader:
         urls = expand_shards(split.shards, f"data.{name}.shards")
-        workers = max(1, self.num_workers)
+        num_workers = self.num_workers
+        if not train:  # evaluation sets are small: use fewer workers rather than fail
+            num_workers = min(num_workers, max(1, len(urls) // self.world_size))
+        workers = max(1, num_workers)
         if not (train and self.resampled) and len(urls) < self.world_size * workers:
             raise ValueError(
                 f"data.{name}.shards has {len(urls)} shard(s) but {self.world_size} rank(s) × {workers} worker(s) "
@@ -150,7 +153,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer if train else 0,
             seed=self.seed,
         )
-        return EpochLoader(stream, batches, self.num_workers)
+        return EpochLoader(stream, batches, num_workers)
 
     def train_dataloader(self) -> EpochLoader:
         return self._loader(self.train_cfg, "train", train=True)

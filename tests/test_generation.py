@@ -35,9 +35,9 @@ def prompts(model):
 def test_batched_equals_one_by_one_and_reference(tiny_model):
     ps, pixels = prompts(tiny_model)
     cfg = GenerationConfig(max_new_tokens=12)
-    batched = generate_from_prompts(tiny_model, ps, pixels, cfg)
+    batched = [g.token_ids for g in generate_from_prompts(tiny_model, ps, pixels, cfg)]
     for i, p in enumerate(ps):
-        single = generate_from_prompts(tiny_model, [p], pixels[i : i + 1], cfg)[0]
+        single = generate_from_prompts(tiny_model, [p], pixels[i : i + 1], cfg)[0].token_ids
         assert single == batched[i]
         assert reference_greedy(tiny_model, p, pixels[i : i + 1], 12) == batched[i]
 
@@ -55,3 +55,60 @@ def test_sampling_is_seeded():
     cfg = GenerationConfig(do_sample=True, top_p=0.5)
     draws = {int(next_token(peaked, cfg, torch.Generator().manual_seed(s))) for s in range(20)}
     assert draws == {0}
+
+
+def latent_prompts(model):
+    """Prompts of different lengths; two of them end in <|latent_start|>, so they open a block at once."""
+    ps, pixels = prompts(model)
+    ps[0] = torch.cat([ps[0], torch.tensor([model.ids.latent_start])])
+    ps[2] = torch.cat([ps[2], torch.tensor([model.ids.latent_start])])
+    return ps, pixels
+
+
+def test_latent_blocks_batched_equals_one_by_one(tiny_model):
+    ps, pixels = latent_prompts(tiny_model)
+    cfg = GenerationConfig(max_new_tokens=14)
+    batched = generate_from_prompts(tiny_model, ps, pixels, cfg)
+    budget = tiny_model.cfg.latent.budget
+    for i, p in enumerate(ps):
+        single = generate_from_prompts(tiny_model, [p], pixels[i : i + 1], cfg)[0]
+        assert single.token_ids == batched[i].token_ids
+    # rows that opened a block feed latent steps up to the budget (or an earlier <|latent_end|>)
+    for g in (batched[0], batched[2]):
+        assert 1 <= g.latent_steps <= budget
+        assert g.token_ids[: g.latent_steps] == [tiny_model.ids.latent] * g.latent_steps
+        assert g.positions == len(g.token_ids)
+    assert batched[1].latent_steps == 0 or batched[1].token_ids[0] != tiny_model.ids.latent
+
+
+def test_no_latent_forbids_blocks(tiny_model):
+    ps, pixels = prompts(tiny_model)
+    cfg = GenerationConfig(max_new_tokens=6, latent=False)
+    for g in generate_from_prompts(tiny_model, ps, pixels, cfg):
+        assert tiny_model.ids.latent_start not in g.token_ids and g.latent_steps == 0
+
+
+def test_test_time_scaling_votes_over_noisy_trajectories(tiny_model):
+    from mmlatent.model.generation import generate_voted
+
+    ps, pixels = latent_prompts(tiny_model)
+    cfg = GenerationConfig(max_new_tokens=12, trajectories=4, latent_noise="gaussian", noise_std=1.0, seed=0)
+    first = generate_voted(tiny_model, ps, pixels, cfg, extract=lambda t: t[:3] or None)
+    again = generate_voted(tiny_model, ps, pixels, cfg, extract=lambda t: t[:3] or None)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]  # seeded
+    for g in first:
+        assert sum(g.votes.values()) <= 4 and g.positions >= len(g.token_ids)
+        if g.votes:
+            assert g.text[:3] == max(g.votes, key=g.votes.get)
+
+
+def test_latent_noise_kinds():
+    from mmlatent.model.generation import perturb
+
+    v = torch.ones(200, 64)
+    g = torch.Generator().manual_seed(0)
+    gauss = perturb(v, GenerationConfig(latent_noise="gaussian", noise_std=0.5), g)
+    assert abs(float((gauss - v).std()) - 0.5) < 0.05
+    drop = perturb(v, GenerationConfig(latent_noise="dropout", noise_std=0.25), g)
+    assert abs(float((drop == 0).float().mean()) - 0.25) < 0.03 and torch.allclose(drop[drop != 0], torch.tensor(1 / 0.75))
+    assert torch.equal(perturb(v, GenerationConfig(), g), v)

@@ -35,6 +35,10 @@ class ProcessedSample:
     """Number of tokens before the first assistant token: the generation prompt is `input_ids[:prompt_length]`."""
     answer: str
     """The reference answer (a letter for multiple choice)."""
+    aux_pixel_values: Tensor = field(default_factory=lambda: torch.zeros(0, 3, 1, 1))
+    """(N_tgt, 3, H, W) auxiliary images that latent blocks stand for (grounding-loss targets)."""
+    aux_blocks: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """(N_tgt,) which latent block of this sample (0-based, in order) each target belongs to."""
 
 
 @dataclass
@@ -59,6 +63,11 @@ class Batch:
     """(B,) tokens before each sample's first assistant token."""
     answers: list[str]
     """Reference answers, length B."""
+    aux_pixel_values: Tensor
+    """(N_tgt, 3, H, W) grounding targets of latent blocks (aux images), in block order."""
+    aux_blocks: Tensor
+    """(N_tgt,) index of each target's latent block among all blocks of the batch (row-major order of
+    `<|latent_start|>` positions)."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples the producing worker skipped (by reason) since its previous batch; summed by the trainer."""
 
@@ -66,8 +75,11 @@ class Batch:
         return len(self.keys)
 
 
-def collate(samples: list[ProcessedSample], pad_id: int, pad_to_multiple: int = 8) -> Batch:
-    """Pad `samples` to a common length (rounded up to `pad_to_multiple`) and stack them."""
+def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = -1, pad_to_multiple: int = 8) -> Batch:
+    """Pad `samples` to a common length (rounded up to `pad_to_multiple`) and stack them.
+
+    `latent_start_id` numbers the latent blocks across the batch for `aux_blocks`.
+    """
     lengths = [s.input_ids.numel() for s in samples]
     L = -(-max(lengths) // pad_to_multiple) * pad_to_multiple
     B = len(samples)
@@ -83,6 +95,11 @@ def collate(samples: list[ProcessedSample], pad_id: int, pad_to_multiple: int = 
     position_ids = torch.arange(L).unsqueeze(0).expand(B, L).clone()  # (B, L)
     images = [s.pixel_values for s in samples if s.pixel_values.numel()]
     pixel_values = torch.cat(images) if images else torch.zeros(0, 3, 1, 1)  # (N_img, 3, H, W)
+    targets = [s.aux_pixel_values for s in samples if s.aux_pixel_values.numel()]
+    aux_pixels = torch.cat(targets) if targets else torch.zeros(0, 3, 1, 1)  # (N_tgt, 3, H, W)
+    blocks_before = torch.tensor([int((s.input_ids == latent_start_id).sum()) for s in samples]).cumsum(0)
+    blocks_before = torch.cat([torch.zeros(1, dtype=torch.long), blocks_before[:-1]])  # (B,)
+    aux_blocks = torch.cat([s.aux_blocks + blocks_before[i] for i, s in enumerate(samples)])  # (N_tgt,)
     return Batch(
         keys=[s.key for s in samples],
         input_ids=input_ids,
@@ -93,6 +110,8 @@ def collate(samples: list[ProcessedSample], pad_id: int, pad_to_multiple: int = 
         pixel_values=pixel_values,
         prompt_lengths=torch.tensor([s.prompt_length for s in samples], dtype=torch.long),
         answers=[s.answer for s in samples],
+        aux_pixel_values=aux_pixels,
+        aux_blocks=aux_blocks,
     )
 
 

@@ -149,6 +149,7 @@ class ShardStream(wds.DataPipeline):
         loop: bool = True,
     ):
         self.urls, self.seed, self.epoch, self.resampled, self.loop = urls, seed, 0, resampled, loop
+        self.processor = processor
         self.counter = SkipCounter()
         shuffle = shuffle_buffer > 0
         super().__init__(
@@ -172,6 +173,8 @@ class ShardStream(wds.DataPipeline):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.processor, "set_epoch"):  # e.g. the Coconut curriculum grows with the epoch
+            self.processor.set_epoch(epoch)
 
     def _worker_seed(self, *extra: int) -> int:
         """A seed unique to (seed, epoch, rank, worker, *extra) and the same on every run."""

@@ -29,16 +29,27 @@ from mmlatent.model.tokenizer import SPECIAL, token_ids
 class SequenceLayout:
     """How a stage lays a sample out as a token sequence. Stages build this; the processor obeys it."""
 
-    aux_images: Literal["inline", "drop"] = "inline"
-    """`inline`: auxiliary images appear as real images in the reasoning (stage 1 teacher). `drop`: they
-    are removed (used with `reasoning="answer_only"`)."""
+    aux_images: Literal["inline", "image_then_latent", "latent", "drop"] = "inline"
+    """`inline`: auxiliary images appear as real images in the reasoning (stage 1 teacher).
+    `image_then_latent`: each aux image is followed by a latent block (stage 2).
+    `latent`: each aux image is replaced by a latent block (stage 3); the image becomes the block's
+    grounding target. `drop`: aux images are removed."""
     reasoning: Literal["full", "answer_only"] = "full"
     """`full`: the assistant turn is the whole chain of thought. `answer_only`: it is replaced by
     `answer_template` (the direct-answer baseline)."""
     observation_weight: float = 2.0
-    """Cross-entropy weight of tokens inside `<observation>…</observation>` (stage 1: ×2)."""
+    """Cross-entropy weight of tokens inside `<observation>…</observation>` (stage 1: ×2, later ×4)."""
     answer_template: str = "The answer is {answer}."
     """Assistant text when `reasoning="answer_only"`."""
+    latent_slots: int = 4
+    """Slots N of each latent block that stands for an auxiliary image."""
+    coconut_steps: int = 0
+    """Coconut curriculum: replace the first k reasoning steps (a step = a text item of the assistant turn
+    with the aux images just before it) by one latent block of k × `coconut_slots_per_step` slots."""
+    coconut_slots_per_step: int = 1
+    """Slots c per replaced step."""
+    coconut_growth: int = 0
+    """Steps added to `coconut_steps` per epoch (k grows with the epoch). The final step is never replaced."""
 
 
 @dataclass
@@ -81,10 +92,51 @@ class Processor:
             self._cache[text] = self.encode_text(text)
         return self._cache[text]
 
+    def set_epoch(self, epoch: int) -> None:
+        """The stream calls this at each epoch's start (the Coconut curriculum grows with it)."""
+        self.epoch = epoch
+
+    def coconut_k(self, n_steps: int) -> int:
+        lay = self.layout
+        k = lay.coconut_steps + lay.coconut_growth * getattr(self, "epoch", 0)
+        return max(0, min(k, n_steps - 1))
+
+    def _block(self, n: int) -> list[int]:
+        return [self.ids.latent_start, *[self.ids.latent] * n, self.ids.latent_end]
+
+    def _assistant(self, meta: dict, content: list[dict], emit, emit_image, add_target) -> None:
+        """Emit an assistant turn's content in the layout's form."""
+        lay = self.layout
+        if lay.reasoning == "answer_only":
+            emit(self.encode_text(lay.answer_template.format(answer=meta["answer"])), True)
+            return
+        k = self.coconut_k(sum(1 for it in content if it["type"] == "text")) if lay.coconut_steps or lay.coconut_growth else 0
+        texts_seen = 0
+        if k:
+            emit(self._block(k * lay.coconut_slots_per_step), True)
+        for item in content:
+            if texts_seen < k:  # inside the replaced steps: text and aux images are dropped
+                texts_seen += item["type"] == "text"
+                continue
+            if item["type"] == "text":
+                emit(self.encode_text(item["text"]), True)
+            elif item["type"] == "image":
+                emit_image(item["ref"])
+            elif lay.aux_images == "inline":
+                emit_image(item["ref"])
+            elif lay.aux_images == "image_then_latent":
+                emit_image(item["ref"])
+                add_target(item["ref"])
+                emit(self._block(lay.latent_slots), True)
+            elif lay.aux_images == "latent":
+                add_target(item["ref"])
+                emit(self._block(lay.latent_slots), True)
+
     def render(self, meta: dict, images: dict[str, Image.Image], key: str = "?") -> ProcessedSample:
         ids: list[int] = []
         labelled: list[bool] = []
         pixels: list[torch.Tensor] = []
+        targets: list[tuple[int, torch.Tensor]] = []  # (block index within the sample, aux image)
         prompt_length = None
 
         def emit(tokens: list[int], label: bool) -> None:
@@ -95,39 +147,43 @@ class Processor:
             pixels.append(self.transform(images[ref]))
             emit([self.ids.image] * self.tokens_per_image, False)
 
+        def add_target(ref: str) -> None:  # the block about to be emitted stands for this image
+            targets.append((ids.count(self.ids.latent_start), self.transform(images[ref])))
+
         for msg in meta["messages"]:
             role = msg["role"]
-            is_assistant = role == "assistant"
             emit(self._fixed(f"{SPECIAL.turn_start}{role}\n"), False)
-            if is_assistant and prompt_length is None:
-                prompt_length = len(ids)
-            if is_assistant and self.layout.reasoning == "answer_only":
-                emit(self.encode_text(self.layout.answer_template.format(answer=meta["answer"])), True)
+            if role == "assistant":
+                if prompt_length is None:
+                    prompt_length = len(ids)
+                self._assistant(meta, msg["content"], emit, emit_image, add_target)
             else:
                 for item in msg["content"]:
                     if item["type"] == "text":
-                        emit(self.encode_text(item["text"]), is_assistant)
-                    elif item["type"] == "image":
+                        emit(self.encode_text(item["text"]), False)
+                    else:
                         emit_image(item["ref"])
-                    elif self.layout.aux_images == "inline":  # aux_image
-                        emit_image(item["ref"])
-            emit(self._fixed(SPECIAL.turn_end), is_assistant)
+            emit(self._fixed(SPECIAL.turn_end), role == "assistant")
             emit(self._fixed("\n"), False)
         if prompt_length is None:
             raise SampleError("no_assistant_turn", "the sample has no assistant turn to learn", key)
-        return self._finish(key, meta, ids, labelled, pixels, prompt_length)
+        return self._finish(key, meta, ids, labelled, pixels, targets, prompt_length)
 
-    def _finish(self, key, meta, ids, labelled, pixels, prompt_length) -> ProcessedSample:
+    def _finish(self, key, meta, ids, labelled, pixels, targets, prompt_length) -> ProcessedSample:
         if len(ids) > self.cfg.max_length:
             cut = self.cfg.max_length
-            if self.cfg.overlong == "drop" or ids[cut - 1] == self.ids.image == ids[min(cut, len(ids) - 1)]:
+            inside = {self.ids.image, self.ids.latent, self.ids.latent_start}
+            if self.cfg.overlong == "drop" or ids[cut - 1] in inside:  # never cut an image or a block in half
                 raise SampleError("too_long", f"{len(ids)} tokens > max_length={cut}", key)
             kept_images = sum(1 for t in ids[:cut] if t == self.ids.image) // self.tokens_per_image
+            kept_blocks = sum(1 for t in ids[:cut] if t == self.ids.latent_start)
             ids, labelled, pixels = ids[:cut], labelled[:cut], pixels[:kept_images]
+            targets = [t for t in targets if t[0] < kept_blocks]
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels = torch.where(torch.tensor(labelled), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         weights = self._weights(input_ids, labels)
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, 1, 1)  # (N_img, 3, H, W)
+        aux = torch.stack([t for _, t in targets]) if targets else torch.zeros(0, 3, 1, 1)  # (N_tgt, 3, H, W)
         return ProcessedSample(
             key=key,
             input_ids=input_ids,
@@ -136,6 +192,8 @@ class Processor:
             pixel_values=pixel_values,
             prompt_length=prompt_length,
             answer=str(meta["answer"]),
+            aux_pixel_values=aux,
+            aux_blocks=torch.tensor([b for b, _ in targets], dtype=torch.long),
         )
 
     def _weights(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

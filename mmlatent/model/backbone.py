@@ -63,6 +63,12 @@ class Backbone(nn.Module):
     def new_cache(self) -> Cache:
         raise NotImplementedError
 
+    def truncate_cache(self, cache: Cache, length: int) -> None:
+        """Cut `cache` back to its first `length` positions, in place."""
+        extra = cache.get_seq_length() - length
+        if extra > 0:
+            cache.crop(-extra)  # transformers 5: a negative count removes that many trailing positions
+
     def forward_lm(
         self,
         inputs_embeds: Tensor,

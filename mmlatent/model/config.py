@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmlatent.model.language_model import LanguageModelConfig
+from mmlatent.model.latent_config import LatentConfig
 from mmlatent.model.projector import ProjectorConfig
 from mmlatent.model.tokenizer import TokenizerConfig
 from mmlatent.model.vision_tower import VisionTowerConfig
@@ -27,6 +28,8 @@ class ModelConfig:
     """The causal language model."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """The tokenizer; mmlatent's special tokens are added to it."""
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    """How the model reasons in latent blocks (sketch or LQ-Former thoughts; sequential or Jacobi)."""
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":

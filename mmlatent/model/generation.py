@@ -1,16 +1,25 @@
-"""Batched decoding with a KV cache.
+"""Batched decoding with a KV cache, text and latent modes interleaved per sample.
 
 Prompts of different lengths are left-padded into one batch with explicit position ids, so every sample's
-next token sits in the last column and one single-position LM forward per step serves the whole batch;
-the prefix is encoded once. Samples that finish (`<|im_end|>`) keep stepping on padding until all are
-done, which keeps the loop free of per-sample Python control flow.
+next position sits in the last column and one single-position LM forward per step serves the whole batch;
+the prefix is encoded once. Each sample is in text mode or inside a latent block: when it emits
+`<|latent_start|>`, its next inputs are latent vectors made from its own last hidden state (sketch head
+or LQ-Former), while the other samples keep decoding tokens in the same forward (`torch.where`-style
+row selection). A block ends when the model's most likely next token is `<|latent_end|>` or after the step
+budget (2 × slots by default); then `<|latent_end|>` is fed and text resumes.
+
+Test-time scaling (`trajectories > 1`): each prompt runs M times in the same batch with Gaussian noise or
+dropout on its latent vectors, and the answers are decided by majority vote.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmlatent.model.latent_vlm import LatentVLM
@@ -21,7 +30,7 @@ class GenerationConfig:
     """Decoding settings."""
 
     max_new_tokens: int = 96
-    """Longest continuation per sample."""
+    """Most generated positions per sample (text tokens and latent steps alike)."""
     do_sample: bool = False
     """Sample from the distribution instead of greedy argmax."""
     temperature: float = 1.0
@@ -29,7 +38,31 @@ class GenerationConfig:
     top_p: float = 1.0
     """Nucleus sampling mass when sampling (1.0 keeps the full distribution)."""
     seed: int | None = None
-    """Seed of the sampling generator (None: torch's global RNG)."""
+    """Seed of the sampling and latent-noise generator (None: torch's global RNG)."""
+    latent: bool = True
+    """Allow latent blocks. False forbids `<|latent_start|>`, so the model answers in text only."""
+    latent_noise: Literal["none", "gaussian", "dropout"] = "none"
+    """Perturbation of latent vectors (for test-time scaling): Gaussian noise or dropout."""
+    noise_std: float = 0.1
+    """Standard deviation of the Gaussian noise, or the drop probability of dropout."""
+    trajectories: int = 1
+    """Test-time scaling: trajectories per question (M); answers are decided by majority vote."""
+
+
+@dataclass
+class Generated:
+    """One sample's continuation."""
+
+    token_ids: list[int]
+    """Generated ids; latent steps appear as the `<|latent|>` id."""
+    text: str
+    """Decoded text (special tokens removed)."""
+    positions: int
+    """Generated positions: text tokens plus latent steps."""
+    latent_steps: int
+    """Latent steps among them."""
+    votes: dict[str, int] | None = None
+    """Test-time scaling: answer -> number of trajectories that gave it."""
 
 
 def split_prompts(
@@ -74,45 +107,129 @@ def next_token(logits: Tensor, cfg: GenerationConfig, gen: torch.Generator | Non
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def perturb(v: Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> Tensor:
+    """Latent vectors (n, D) with the configured test-time noise."""
+    if cfg.latent_noise == "gaussian":
+        return v + cfg.noise_std * torch.randn(v.shape, generator=gen, device=v.device, dtype=v.dtype)
+    if cfg.latent_noise == "dropout":
+        keep = torch.rand(v.shape, generator=gen, device=v.device) >= cfg.noise_std
+        return v * keep / (1 - cfg.noise_std)
+    return v
+
+
 @torch.no_grad()
 def generate_from_prompts(
     model: LatentVLM, prompts: list[Tensor], pixel_values: Tensor, cfg: GenerationConfig
-) -> list[list[int]]:
-    """Continue each prompt (1D id tensors) until `<|im_end|>` or `max_new_tokens`; returns new ids."""
-    ids, mask, pos = left_pad(prompts, model.ids.pad)
-    gen = None
-    if cfg.seed is not None:
-        gen = torch.Generator(device=ids.device).manual_seed(cfg.seed)
+) -> list[Generated]:
+    """Continue each prompt (1D id tensors) until `<|im_end|>` or `max_new_tokens` positions."""
+    ids_ = model.ids
+    ids, mask, pos = left_pad(prompts, ids_.pad)
+    device = ids.device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     cache = model.backbone.new_cache()
     embeds = model.embed_inputs(ids, pixel_values)  # (B, L, D)
+    visual = model.visual_context(ids, embeds) if model.lq_former is not None else None
     out = model.backbone.forward_lm(embeds, mask, pos, cache=cache, logits=False)
-    logits = model.backbone.lm_head(out.last_hidden[:, -1])  # (B, V)
+    h_last = out.last_hidden[:, -1]  # (B, D)
+    logits = model.backbone.lm_head(h_last)  # (B, V)
     B = ids.shape[0]
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    in_latent = ids[:, -1] == ids_.latent_start  # a prompt may open a block itself
+    count = torch.zeros(B, dtype=torch.long, device=device)
     new: list[list[int]] = [[] for _ in range(B)]
+    budget = model.cfg.latent.budget
     last_pos = pos[:, -1]  # (B,)
     for _ in range(cfg.max_new_tokens):
+        if not cfg.latent:
+            logits[:, ids_.latent_start] = float("-inf")
         tok = next_token(logits, cfg, gen)  # (B,)
-        tok = torch.where(done, torch.full_like(tok, model.ids.pad), tok)
+        # a block holds at least one slot; it ends when the model prefers <|latent_end|> or at the budget
+        wants_end = (logits.argmax(-1) == ids_.latent_end) & (count >= 1)
+        end_block = in_latent & (wants_end | (count >= budget))
+        feed_latent = in_latent & ~end_block & ~done
+        tok = torch.where(end_block, torch.full_like(tok, ids_.latent_end), tok)
+        tok = torch.where(feed_latent, torch.full_like(tok, ids_.latent), tok)
+        tok = torch.where(done, torch.full_like(tok, ids_.pad), tok)
         for i in (~done).nonzero().flatten().tolist():
             new[i].append(int(tok[i]))
-        done |= tok == model.ids.turn_end
+        done = done | (tok == ids_.turn_end)
         if bool(done.all()):
             break
+        in_latent = feed_latent | (~in_latent & (tok == ids_.latent_start))
+        count = torch.where(feed_latent, count + 1, torch.zeros_like(count))
         last_pos = last_pos + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L + t)
-        step = model.backbone.embed_tokens(tok[:, None])  # (B, 1, D)
-        out = model.backbone.forward_lm(step, mask, last_pos[:, None], cache=out.cache, logits=True)
-        logits = out.logits[:, -1]  # (B, V)
-    return new
+        x = model.backbone.embed_tokens(tok[:, None])  # (B, 1, D)
+        rows = feed_latent.nonzero().flatten()
+        if rows.numel():
+            col = torch.full_like(rows, mask.shape[1] - 1)
+            if visual is None:
+                step = model.latent_step(h_last[rows])
+            else:
+                tokens, vmask = visual.visible(rows, col)
+                step = model.latent_step(h_last[rows], tokens, vmask)
+            x = x.clone()
+            x[rows, 0] = perturb(step.vector, cfg, gen).to(x.dtype)
+        out = model.backbone.forward_lm(x, mask, last_pos[:, None], cache=out.cache, logits=False)
+        h_last = out.last_hidden[:, -1]
+        logits = model.backbone.lm_head(h_last)
+    results = []
+    for t in new:
+        steps = sum(1 for x in t if x == ids_.latent)
+        text = model.tokenizer.decode(t, skip_special_tokens=True).strip()
+        results.append(Generated(token_ids=t, text=text, positions=len(t), latent_steps=steps))
+    return results
+
+
+def images_per_prompt(prompts: list[Tensor], image_id: int, tokens_per_image: int) -> list[int]:
+    return [int((p == image_id).sum()) // tokens_per_image for p in prompts]
+
+
+@torch.no_grad()
+def generate_voted(
+    model: LatentVLM,
+    prompts: list[Tensor],
+    pixel_values: Tensor,
+    cfg: GenerationConfig,
+    extract: Callable[[str], str | None] = lambda text: text,
+) -> list[Generated]:
+    """Parallel latent test-time scaling: M noisy trajectories per prompt in one batch, majority vote.
+
+    `extract` maps a response to its answer (None when unparsable; such votes are not counted). The
+    returned `Generated` is the first trajectory that gave the winning answer, with `votes` filled in and
+    `positions` summed over all M trajectories (the compute actually spent).
+    """
+    M = cfg.trajectories
+    if M <= 1:
+        return generate_from_prompts(model, prompts, pixel_values, cfg)
+    counts = images_per_prompt(prompts, model.ids.image, model.tokens_per_image)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    rep_prompts = [p for p in prompts for _ in range(M)]
+    rep_pixels = [pixel_values[s : s + n] for s, n in zip(starts, counts) for _ in range(M)]
+    pixels = torch.cat(rep_pixels) if rep_pixels else pixel_values
+    runs = generate_from_prompts(model, rep_prompts, pixels, cfg)
+    results = []
+    for i in range(len(prompts)):
+        group = runs[i * M : (i + 1) * M]
+        answers = [extract(g.text) for g in group]
+        votes = Counter(a for a in answers if a is not None)
+        winner = votes.most_common(1)[0][0] if votes else None
+        best = next((g for g, a in zip(group, answers) if a == winner), group[0])
+        results.append(
+            Generated(
+                token_ids=best.token_ids, text=best.text, positions=sum(g.positions for g in group),
+                latent_steps=sum(g.latent_steps for g in group), votes=dict(votes),
+            )
+        )
+    return results
 
 
 def generate(
-    model: LatentVLM, input_ids: Tensor, prompt_lengths: Tensor, pixel_values: Tensor, cfg: GenerationConfig
-) -> list[str]:
-    """Generate from the prompts of a training-layout batch; returns the decoded continuations."""
+    model: LatentVLM, input_ids: Tensor, prompt_lengths: Tensor, pixel_values: Tensor, cfg: GenerationConfig,
+    extract: Callable[[str], str | None] = lambda text: text,
+) -> list[Generated]:
+    """Generate from the prompts of a training-layout batch (right-padded, prompt lengths known)."""
     prompts, prompt_pixels = split_prompts(
         input_ids, prompt_lengths, pixel_values, model.ids.image, model.tokens_per_image
     )
-    new = generate_from_prompts(model, prompts, prompt_pixels, cfg)
-    return [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+    return generate_voted(model, prompts, prompt_pixels, cfg, extract)

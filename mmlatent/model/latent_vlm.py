@@ -1,12 +1,17 @@
-"""`LatentVLM`: a backbone plus its tokenizer, the model object users build, train and load.
+"""`LatentVLM`: a backbone, its tokenizer and its latent modules; the model users build, train and load.
 
-It owns the tokenizer (with mmlatent's special tokens) and the backbone, and knows how to place visual
-tokens into a token sequence. The forward runs teacher-forced text with images in place; latent blocks
-(sketch and LQ-Former thoughts) build on `embed_inputs` and the backbone's cached LM forward.
+It owns the tokenizer (with mmlatent's special tokens), the backbone, and the modules that make latent
+slot inputs: the sketch head (sketch mode) or the LQ-Former (thought mode), plus the optional grounding
+heads (diffusion denoiser, contrastive temperature). It places visual tokens into a token sequence and
+turns a hidden state into the next slot's input (`latent_step`); the loops that run latent blocks live in
+`latent_loop.py` (training) and `generation.py` (inference).
 It knows nothing of Lightning or of the data pipeline: it takes tensors and returns outputs.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -14,8 +19,43 @@ from transformers import PreTrainedTokenizerBase
 
 from mmlatent.model.backbone import ComposedBackbone, LMOutput
 from mmlatent.model.config import ModelConfig
+from mmlatent.model.diffusion_head import DiffusionHead
 from mmlatent.model.language_model import load_language_model
+from mmlatent.model.lq_former import LQFormer
+from mmlatent.model.sketch_head import SketchHead
 from mmlatent.model.tokenizer import load_tokenizer, token_ids
+
+
+@dataclass
+class VisualContext:
+    """Each sample's visual tokens (LM space), padded to M, with where they sit in the sequence."""
+
+    tokens: Tensor
+    """(B, M, D) visual tokens as placed in the LM input."""
+    positions: Tensor
+    """(B, M) sequence position of each token (a large value on padding)."""
+    valid: Tensor
+    """(B, M) True on real tokens."""
+
+    def visible(self, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens and mask for slots at (rows, cols): only tokens placed before the slot are visible.
+
+        rows, cols: (n,) sample index and sequence position of each slot -> (n, M, D), (n, M).
+        """
+        mask = self.valid[rows] & (self.positions[rows] < cols[:, None])  # (n, M)
+        return self.tokens[rows], mask
+
+
+@dataclass
+class LatentStep:
+    """The inputs for a set of latent slots, and what the LQ-Former looked at."""
+
+    vector: Tensor
+    """(n, D) slot inputs."""
+    indices: Tensor | None
+    """(n, k) visual tokens each thought selected (thought mode), -1 where none."""
+    relevance: Tensor | None
+    """(n, M) relevance map over the visual tokens (thought mode)."""
 
 
 class LatentVLM(nn.Module):
@@ -28,6 +68,13 @@ class LatentVLM(nn.Module):
         self.ids = token_ids(self.tokenizer)
         lm = load_language_model(cfg.lm, vocab_size=len(self.tokenizer))
         self.backbone = ComposedBackbone(cfg.vision, cfg.projector, lm)
+        D = self.backbone.hidden_size
+        lat = cfg.latent
+        self.sketch_head = SketchHead(lat.sketch_head, D) if lat.mode == "sketch" else None
+        self.lq_former = LQFormer(lat.lq_former, D) if lat.mode == "thought" else None
+        self.diffusion_head = DiffusionHead(lat.diffusion, target_dim=D, cond_dim=D) if lat.diffusion_head else None
+        # CLIP's initial temperature 0.07, stored as the log of the inverse temperature
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if lat.contrastive else None
 
     @property
     def tokens_per_image(self) -> int:
@@ -51,6 +98,36 @@ class LatentVLM(nn.Module):
         visual = self.backbone.encode_images(pixel_values)  # (N_img, T, D)
         visual = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)  # (N_img * T, D)
         return embeds.masked_scatter(slots.unsqueeze(-1), visual)
+
+    def visual_context(self, input_ids: Tensor, embeds: Tensor) -> VisualContext:
+        """Gather each sample's visual tokens from the LM inputs (they are the image-token embeddings)."""
+        slots = input_ids == self.ids.image  # (B, L)
+        counts = slots.sum(1)  # (B,)
+        M = max(int(counts.max()), 1)
+        B, L = input_ids.shape
+        order = torch.argsort((~slots).to(torch.int8), dim=1, stable=True)[:, :M]  # (B, M) image positions first
+        valid = torch.arange(M, device=input_ids.device)[None] < counts[:, None]  # (B, M)
+        tokens = torch.gather(embeds, 1, order[..., None].expand(B, M, embeds.shape[-1]))  # (B, M, D)
+        positions = torch.where(valid, order, torch.full_like(order, torch.iinfo(torch.long).max))
+        return VisualContext(tokens=tokens, positions=positions, valid=valid)
+
+    def latent_step(self, h: Tensor, visual: Tensor | None = None, visual_mask: Tensor | None = None) -> LatentStep:
+        """Hidden states at p-1 (n, D) -> inputs for slots p (n, D), in the configured mode."""
+        if self.lq_former is None:
+            return LatentStep(vector=self.sketch_head(h), indices=None, relevance=None)
+        if visual is None:  # no image at all: an empty context
+            visual = h.new_zeros(h.shape[0], 1, h.shape[-1])
+            visual_mask = torch.zeros(h.shape[0], 1, dtype=torch.bool, device=h.device)
+        thought = self.lq_former(h, visual.to(h.dtype), visual_mask)
+        return LatentStep(vector=thought.vector, indices=thought.indices, relevance=thought.relevance)
+
+    @torch.no_grad()
+    def grounding_targets(self, aux_pixel_values: Tensor) -> Tensor:
+        """(N_tgt, 3, H, W) auxiliary images -> (N_tgt, T, D) their visual tokens in LM space, detached.
+
+        Targets never carry gradient: a target path the model could shrink would let it collapse.
+        """
+        return self.backbone.encode_images(aux_pixel_values).detach()
 
     def forward(
         self,

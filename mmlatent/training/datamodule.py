@@ -147,7 +147,7 @@ class ShardDataModule(L.LightningDataModule):
         stream = ShardStream(
             urls,
             processor,
-            partial(collate, pad_id=processor.ids.pad),
+            partial(collate, pad_id=processor.ids.pad, latent_start_id=processor.ids.latent_start),
             self.batch_size,
             resampled=train and self.resampled,
             shuffle_buffer=self.shuffle_buffer if train else 0,

@@ -94,8 +94,11 @@ class LatentVLMModule(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
         """Generate an answer for each sample's prompt (the chat up to the assistant turn)."""
-        texts = generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
-        return [{"key": k, "response": t, "answer": a} for k, t, a in zip(batch.keys, texts, batch.answers)]
+        outs = generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+        return [
+            {"key": k, "response": g.text, "answer": a, "positions": g.positions, "latent_steps": g.latent_steps}
+            for k, g, a in zip(batch.keys, outs, batch.answers)
+        ]
 
     def on_train_epoch_start(self) -> None:
         self.skipped.clear()

@@ -105,3 +105,60 @@ def test_collate_pads_right_with_positions(tok):
     assert torch.all(batch.loss_weights[1, b.input_ids.numel():] == 0)
     assert torch.equal(batch.position_ids[0], torch.arange(L))
     assert batch.pixel_values.shape[0] == 4
+
+
+def aux_sample(n_aux: int = 2) -> dict:
+    content = [{"type": "text", "text": "Step one."}]
+    for i in range(n_aux):
+        content += [{"type": "aux_image", "ref": f"aux{i}"}, {"type": "text", "text": f"<observation>Seen {i}.</observation>"}]
+    content.append({"type": "text", "text": "The answer is A."})
+    s = sample()
+    s["meta"]["messages"][1]["content"] = content
+    s["images"].update({f"aux{i}": Image.new("RGB", (8, 8), (10 * i, 0, 0)) for i in range(n_aux)})
+    return s
+
+
+def test_stage3_layout_replaces_aux_images_with_latent_blocks_and_keeps_targets(tok):
+    proc = Processor(tok, colour_mean, T, SequenceLayout(aux_images="latent", latent_slots=3))
+    out = proc(aux_sample(2))
+    ids = proc.ids
+    assert out.pixel_values.shape[0] == 1  # the question image only
+    assert int((out.input_ids == ids.latent_start).sum()) == 2 and int((out.input_ids == ids.latent).sum()) == 6
+    assert out.aux_pixel_values.shape[0] == 2 and out.aux_blocks.tolist() == [0, 1]
+    assert out.aux_pixel_values[1, 0, 0, 0] == 10  # aux1 is the target of block 1
+    start = int((out.input_ids == ids.latent_start).nonzero()[0])
+    assert out.input_ids[start : start + 5].tolist() == [ids.latent_start, ids.latent, ids.latent, ids.latent, ids.latent_end]
+    # the block is followed by the observation it stands for
+    assert out.input_ids[start + 5] == ids.observation_open
+
+
+def test_stage2_layout_keeps_the_image_then_adds_the_block(tok):
+    proc = Processor(tok, colour_mean, T, SequenceLayout(aux_images="image_then_latent", latent_slots=2))
+    out = proc(aux_sample(1))
+    ids = out.input_ids.tolist()
+    first_start = ids.index(proc.ids.latent_start)
+    assert ids[first_start - T : first_start] == [proc.ids.image] * T  # the aux image right before its block
+    assert out.pixel_values.shape[0] == 2 and out.aux_pixel_values.shape[0] == 1
+
+
+def test_collate_numbers_blocks_across_the_batch(tok):
+    proc = Processor(tok, colour_mean, T, SequenceLayout(aux_images="latent"))
+    a, b = proc(aux_sample(2)), proc(aux_sample(1))
+    batch = collate([a, b], pad_id=proc.ids.pad, latent_start_id=proc.ids.latent_start)
+    assert batch.aux_blocks.tolist() == [0, 1, 2] and batch.aux_pixel_values.shape[0] == 3
+
+
+def test_coconut_curriculum_replaces_first_steps_and_grows_by_epoch(tok):
+    layout = SequenceLayout(aux_images="inline", coconut_steps=1, coconut_slots_per_step=2, coconut_growth=1)
+    proc = Processor(tok, colour_mean, T, layout)
+    s = aux_sample(2)  # text steps: "Step one.", obs 0, obs 1, answer
+    out0 = proc(s)
+    text0 = tok.decode(out0.input_ids[out0.prompt_length :])
+    assert int((out0.input_ids == proc.ids.latent).sum()) == 2 and "Step one." not in text0 and "Seen 0." in text0
+    proc.set_epoch(1)  # k = 2: the first two steps (and the aux image between them) become 4 slots
+    out1 = proc(s)
+    text1 = tok.decode(out1.input_ids[out1.prompt_length :])
+    assert int((out1.input_ids == proc.ids.latent).sum()) == 4 and "Seen 0." not in text1 and "Seen 1." in text1
+    assert out1.pixel_values.shape[0] == 2  # question image + aux1 (aux0 fell inside the replaced steps)
+    proc.set_epoch(10)  # never replaces the final step
+    assert "The answer is A." in tok.decode(proc(s).input_ids)

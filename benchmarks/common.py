@@ -21,6 +21,18 @@ def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float
     return statistics.median(times)
 
 
+def timeit_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int = 9) -> tuple[float, float]:
+    """Median wall times of `fn_a()` and `fn_b()`, run alternately so that machine noise hits both alike."""
+    fn_a(), fn_b()  # warm-up
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def latent_batch(model, batch: int, prefix: int, slots: int, suffix: int, seed: int = 0):
     """(ids, mask, pos, pixels, labels) with one image in the prefix and one latent block of `slots` slots.
 

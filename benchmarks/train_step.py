@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import latent_batch, timeit  # noqa: E402
+from common import latent_batch, timeit_pair  # noqa: E402
 
 
 def main() -> None:
@@ -43,13 +43,15 @@ def main() -> None:
 
     ids, mask, pos, pixels, labels = latent_batch(model, batch=8, prefix=400, slots=4, suffix=100)
     plain_ids = torch.where(ids == model.ids.latent, torch.full_like(ids, 42), ids)  # same tokens, no slots
-    t_latent = timeit(step(ids, mask, pos, pixels, labels, True), repeats=5)
-    t_plain = timeit(step(plain_ids, mask, pos, pixels, labels, False), repeats=5)
+    t_latent, t_plain = timeit_pair(
+        step(ids, mask, pos, pixels, labels, True), step(plain_ids, mask, pos, pixels, labels, False)
+    )
 
     ids, mask, pos, pixels, labels = latent_batch(model, batch=8, prefix=400, slots=24, suffix=80)
     model.cfg.latent.jacobi_iterations = 3
-    t_seq = timeit(step(ids, mask, pos, pixels, labels, True, "sequential"), repeats=5)
-    t_jac = timeit(step(ids, mask, pos, pixels, labels, True, "jacobi"), repeats=5)
+    t_seq, t_jac = timeit_pair(
+        step(ids, mask, pos, pixels, labels, True, "sequential"), step(ids, mask, pos, pixels, labels, True, "jacobi")
+    )
     result = {
         "latent_step_ratio": round(t_latent / t_plain, 3),
         "jacobi_ratio": round(t_jac / t_seq, 3),

@@ -9,9 +9,10 @@ it. Samples whose blocks sit at different positions or have different lengths sh
 `torch.where` on the inputs replaces the token embedding only in rows that have a slot at that column.
 Right padding and explicit position ids keep every column at the same position in every row.
 
-`schedule="jacobi"` (PCCoT) replaces the per-slot forwards by T passes over the whole suffix: pass t feeds
-every slot the latent computed from pass t-1's hidden states, all slots at once. The prefix is cached once
-and the cache is cut back to it after each pass.
+`schedule="jacobi"` (PCCoT) replaces the per-slot forwards by T passes: pass t feeds every slot the
+latent computed from pass t-1's hidden states, all slots at once. The prefix is cached once and the cache
+is cut back to it after each pass; refinement passes stop at the last slot column (only the states that
+feed slots are needed), and the final pass runs the whole suffix.
 
 `reference_latent_forward` recomputes the full prefix for every slot (what Coconut does); it exists for
 parity tests and benchmarks.
@@ -154,7 +155,7 @@ def _sequential(model, embeds, attention_mask, position_ids, latent_mask, cols, 
 
 def _jacobi(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, with_hidden) -> LatentForward:
     B, L, D = embeds.shape
-    p0 = cols[0]
+    p0, p1 = cols[0], cols[-1]  # first and last slot columns
     cache = model.backbone.new_cache()
     prefix = model.backbone.forward_lm(
         embeds[:, :p0], _rows_mask(attention_mask, 0, p0), position_ids[:, :p0], cache=cache,
@@ -165,21 +166,24 @@ def _jacobi(model, embeds, attention_mask, position_ids, latent_mask, cols, visu
     x = embeds[:, p0:]  # (B, L-p0, D): slots start from the <|latent|> embedding
     iterations = model.cfg.latent.jacobi_iterations
     step = None
-    for t in range(iterations):
+    for _ in range(iterations - 1):
+        # a refinement pass only needs the states that feed slots: columns p0 .. p1-1
         out = model.backbone.forward_lm(
-            x, _rows_mask(attention_mask, p0, L), position_ids[:, p0:], cache=cache,
-            output_hidden_states=with_hidden, logits=False,
+            x[:, : p1 - p0], _rows_mask(attention_mask, p0, p1), position_ids[:, p0:p1], cache=cache, logits=False
         )
-        if t == iterations - 1:
-            break
         model.backbone.truncate_cache(cache, p0)
-        h = torch.cat([prefix.last_hidden[:, -1:], out.last_hidden[:, :-1]], dim=1)  # (B, L-p0, D) state at p-1
+        h = torch.cat([prefix.last_hidden[:, -1:], out.last_hidden], dim=1)  # (B, p1-p0+1, D): state at p-1
         step = _step(model, h[rows, rel_cols], rows, rel_cols + p0, visual)
         full = torch.zeros_like(x)
         full[rows, rel_cols] = step.vector.to(x.dtype)
         x = torch.where(suffix_mask[..., None], full, embeds[:, p0:])
+    # the final pass runs the whole suffix with the refined slots
+    out = model.backbone.forward_lm(
+        x, _rows_mask(attention_mask, p0, L), position_ids[:, p0:], cache=cache,
+        output_hidden_states=with_hidden, logits=False,
+    )
     last, hidden = _cat_outputs([prefix, out], with_hidden)
-    vectors = x[suffix_mask] if step is not None else embeds.new_zeros(0, D)
+    vectors = x[suffix_mask] if step is not None else embeds[:, p0:][suffix_mask]
     return LatentForward(
         logits=model.backbone.lm_head(last),
         last_hidden=last,

@@ -8,7 +8,9 @@ Arrows wrap around the edges (a torus), so every move is valid. One cell carries
 Task kinds, mixed by `TaskMix` weights for a curriculum (fixed position → content-addressed → hops):
 - "lookup": "What colour is the cell in row r, column c?" (0 hops; the frame is a distractor),
 - "marked": "What colour is the framed cell?" (content-addressed, 0 hops),
-- "chase":  "Start at the framed cell and follow the arrows for k steps. What colour …?" (k ≥ 1 hops).
+- "chase":  "Start at the framed cell and follow the arrows for k steps. What colour …?" (k ≥ 1 hops),
+- "walk":   "Start at the cell in row r, column c and follow the arrows for k steps. …" (k ≥ 1 hops,
+  every step a fixed-position lookup once the coordinates are written out).
 
 The assistant turn is an interleaved chain of thought: for each visual step i (step 0 = the start cell,
 then one per hop) a short move text, an aux image `aux{i}` that dims every cell but the one reached and
@@ -41,8 +43,8 @@ from mmlatent.data.shard_writer import RawSample, write_shards
 FORMAT_VERSION = 1
 """Version of the synthetic sample layout, written to the manifest."""
 
-TaskKind = Literal["lookup", "marked", "chase"]
-TASK_KINDS: tuple[TaskKind, ...] = ("lookup", "marked", "chase")
+TaskKind = Literal["lookup", "marked", "chase", "walk"]
+TASK_KINDS: tuple[TaskKind, ...] = ("lookup", "marked", "chase", "walk")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -78,6 +80,9 @@ class TaskMix:
     """Content-addressed lookup: the colour of the framed cell."""
     chase: float = 1.0
     """Pointer chasing: follow the arrows from the framed cell for k hops (k from `SynthConfig.hops`)."""
+    walk: float = 0.0
+    """Pointer chasing from a named cell ("start at row r, column c"): k hops of fixed-position lookups,
+    without the content-addressed first step that makes "chase" slow to learn."""
 
     def __post_init__(self) -> None:
         for kind in TASK_KINDS:
@@ -189,8 +194,8 @@ def make_puzzle(cfg: SynthConfig, seed: int, split: str, index: int, task: TaskK
     if task == "lookup":
         path = [(int(rng.integers(g)), int(rng.integers(g)))]
     else:
-        hops = int(rng.integers(cfg.hops[0], cfg.hops[1] + 1)) if task == "chase" else 0
-        path = [frame]
+        hops = int(rng.integers(cfg.hops[0], cfg.hops[1] + 1)) if task in ("chase", "walk") else 0
+        path = [(int(rng.integers(g)), int(rng.integers(g))) if task == "walk" else frame]
         for _ in range(hops):
             r, c = path[-1]
             dr, dc = _DELTAS[arrows[r, c]]
@@ -217,8 +222,9 @@ def _question(p: Puzzle) -> str:
     if p.task == "marked":
         return "What colour is the framed cell?"
     steps = "step" if p.hops == 1 else "steps"
+    start = f"the cell in {_where(p.path[0])}" if p.task == "walk" else "the framed cell"
     return (
-        f"Start at the framed cell and follow the arrows for {p.hops} {steps}. "
+        f"Start at {start} and follow the arrows for {p.hops} {steps}. "
         "What colour is the cell you land on?"
     )
 
@@ -230,7 +236,7 @@ def build_meta(cfg: SynthConfig, p: Puzzle, key: str) -> dict:
     steps: list[dict] = []
     for i, cell in enumerate(p.path):
         if i == 0:
-            lead = "Look at the cell in" if p.task == "lookup" else "The framed cell is in"
+            lead = "The framed cell is in" if p.task in ("marked", "chase") else "Look at the cell in"
             move = f"{lead} {_where(cell)}."
         else:
             move = f"Moving {DIRECTIONS[p.arrows[p.path[i - 1]]]} leads to {_where(cell)}."
@@ -360,7 +366,7 @@ def generate_split(cfg: SynthConfig, seed: int, split: str, n: int) -> Iterator[
 def corpus_texts(cfg: SynthConfig, n: int = 2000, seed: int = 0) -> Iterator[str]:
     """Text items of `n` samples for training a tokenizer, without rendering images.
 
-    Task kinds cycle through lookup, marked and chase whatever `cfg.task_mix` says, so one tokenizer
+    Task kinds cycle through every task kind whatever `cfg.task_mix` says, so one tokenizer
     covers every stage of a curriculum.
     """
     for index in range(n):

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from mmlatent.config_io import from_dict
 from mmlatent.data.batch import Batch
 from mmlatent.data.processor import Processor, ProcessorConfig
 from mmlatent.model.config import ModelConfig
@@ -48,8 +49,15 @@ class LatentVLMModule(L.LightningModule):
             generation: Decoding settings for `predict` (and evaluation during training).
         """
         super().__init__()
-        # defaults are shared objects: keep private copies
-        self.vlm_cfg, self.stage_cfg, self.optim_cfg, self.gen_cfg = copy.deepcopy((vlm, stage, optim, generation))
+        # `load_from_checkpoint` passes the stored plain dicts; defaults are shared objects: keep private copies
+        self.vlm_cfg, self.stage_cfg, self.optim_cfg, self.gen_cfg = copy.deepcopy(
+            (
+                from_dict(ModelConfig, vlm),
+                from_dict(StageConfig, stage),
+                from_dict(OptimConfig, optim),
+                from_dict(GenerationConfig, generation),
+            )
+        )
         self.save_hyperparameters(
             {
                 "vlm": asdict(self.vlm_cfg),

@@ -1,0 +1,48 @@
+"""Typed configs to and from plain dicts.
+
+Checkpoints store hyper-parameters as plain dicts (so they load with `torch.load(weights_only=True)`), and
+`LightningModule.load_from_checkpoint` hands those dicts back to `__init__`. `from_dict` rebuilds the typed
+dataclass tree from them, recursing into nested dataclasses, optional fields and tuples, and it names the
+offending field when a key is unknown, so an old or hand-edited checkpoint fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar, Union
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+    """`cls(**data)` with nested dataclasses rebuilt; `data` may already be a `cls`."""
+    if isinstance(data, cls) or not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{path or cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return from_dict(tp, value, path)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):  # the first dataclass member of an optional/union that fits
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return from_dict(arg, value, path)
+        return value
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    """The plain-dict form of a dataclass config (what checkpoints store)."""
+    return dataclasses.asdict(cfg)

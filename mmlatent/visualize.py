@@ -55,7 +55,7 @@ def visualize_sample(model: LatentVLM, batch: Batch, out_path: str | Path, row: 
     end = start + 1 + int((ids[start + 1 :] == model.ids.latent_end).nonzero()[0])
     slots = fwd.latent_mask.nonzero()  # (n_slots, 2) row-major, the order of fwd.latent_vectors
     block = [i for i, (r, c) in enumerate(slots.tolist()) if r == row and start < c < end]
-    grid = model.backbone.vision.grid_size
+    grid = model.backbone.token_grid
     image_index = int(sum(int((batch.input_ids[r] == model.ids.image).sum()) for r in range(row)) // model.tokens_per_image)
     panels: list[tuple[str, np.ndarray, str | None]] = [("question image", to_image(batch.pixel_values[image_index]), None)]
     if fwd.relevance is not None:

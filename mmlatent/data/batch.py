@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mmlatent.data.masks import block_attention_mask
+
 IGNORE_INDEX = -100
 """Label value that cross-entropy ignores (prompt, images, padding)."""
 
@@ -39,6 +41,11 @@ class ProcessedSample:
     """(N_tgt, 3, H, W) auxiliary images that latent blocks stand for (grounding-loss targets)."""
     aux_blocks: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     """(N_tgt,) which latent block of this sample (0-based, in order) each target belongs to."""
+    hidden_spans: Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    """(n, 3) rows [image_start, image_end, visible_until): image tokens only the queries in
+    [image_start, visible_until) may see (stage 2: an aux image is visible to its own latent block only)."""
+    teacher: "ProcessedSample | None" = None
+    """The same sample in the online teacher's layout (distillation stages), else None."""
 
 
 @dataclass
@@ -68,11 +75,21 @@ class Batch:
     aux_blocks: Tensor
     """(N_tgt,) index of each target's latent block among all blocks of the batch (row-major order of
     `<|latent_start|>` positions)."""
+    block_mask: Tensor | None = None
+    """(B, 1, L, L) bool "may attend" mask when some image is hidden from later text (stage 2), else None
+    (the padding mask and causality say everything)."""
+    teacher: "Batch | None" = None
+    """The same samples in the online teacher's layout, collated alike, else None."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples the producing worker skipped (by reason) since its previous batch; summed by the trainer."""
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def lm_attention_mask(self) -> Tensor:
+        """The mask to give the LM: the 4D block mask when there is one, else the (B, L) padding mask."""
+        return self.block_mask if self.block_mask is not None else self.attention_mask
 
 
 def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = -1, pad_to_multiple: int = 8) -> Batch:
@@ -100,6 +117,12 @@ def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = 
     blocks_before = torch.tensor([int((s.input_ids == latent_start_id).sum()) for s in samples]).cumsum(0)
     blocks_before = torch.cat([torch.zeros(1, dtype=torch.long), blocks_before[:-1]])  # (B,)
     aux_blocks = torch.cat([s.aux_blocks + blocks_before[i] for i, s in enumerate(samples)])  # (N_tgt,)
+    spans = [s.hidden_spans for s in samples]
+    block_mask = block_attention_mask(attention, spans) if any(x.numel() for x in spans) else None
+    teachers = [s.teacher for s in samples]
+    if any(t is None for t in teachers) and any(t is not None for t in teachers):
+        raise ValueError("collate: some samples carry a teacher view and some do not")
+    teacher = None if teachers[0] is None else collate(teachers, pad_id, latent_start_id, pad_to_multiple)
     return Batch(
         keys=[s.key for s in samples],
         input_ids=input_ids,
@@ -112,6 +135,8 @@ def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = 
         answers=[s.answer for s in samples],
         aux_pixel_values=aux_pixels,
         aux_blocks=aux_blocks,
+        block_mask=block_mask,
+        teacher=teacher,
     )
 
 

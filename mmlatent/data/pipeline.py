@@ -147,7 +147,10 @@ class ShardStream(wds.DataPipeline):
         shuffle_buffer: int = 500,
         seed: int = 0,
         loop: bool = True,
+        partial_batches: bool = False,
     ):
+        """`loop=False` reads each shard once; `partial_batches=True` keeps a short last batch (one pass over
+        every sample, e.g. to precompute teacher states)."""
         self.urls, self.seed, self.epoch, self.resampled, self.loop = urls, seed, 0, resampled, loop
         self.processor = processor
         self.counter = SkipCounter()
@@ -166,7 +169,7 @@ class ShardStream(wds.DataPipeline):
             # token ids / labels / weights / pixel tensors of the stage's layout
             lambda src: process_samples(src, processor, self.counter),
             # padded typed batches
-            wds.batched(batch_size, collation_fn=collate_fn, partial=False),
+            wds.batched(batch_size, collation_fn=collate_fn, partial=partial_batches),
             # batches carrying the skip counts
             lambda src: attach_skips(src, self.counter),
         )

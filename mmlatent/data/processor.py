@@ -13,6 +13,7 @@ preprocessing is the vision library's own transform handed in by the model.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -21,6 +22,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from mmlatent.data.batch import IGNORE_INDEX, ProcessedSample
+from mmlatent.data.masks import observation_mask
 from mmlatent.data.sample import SampleError
 from mmlatent.model.tokenizer import SPECIAL, token_ids
 
@@ -34,9 +36,14 @@ class SequenceLayout:
     `image_then_latent`: each aux image is followed by a latent block (stage 2).
     `latent`: each aux image is replaced by a latent block (stage 3); the image becomes the block's
     grounding target. `drop`: aux images are removed."""
-    reasoning: Literal["full", "answer_only"] = "full"
+    reasoning: Literal["full", "answer_only", "latent_only"] = "full"
     """`full`: the assistant turn is the whole chain of thought. `answer_only`: it is replaced by
-    `answer_template` (the direct-answer baseline)."""
+    `answer_template` (the direct-answer baseline). `latent_only`: the reasoning's text items are dropped and
+    only its latent blocks and final text item (the conclusion) remain: a chain that is latent end to end,
+    generating a fraction of the positions of a text chain (use with `aux_images="latent"`)."""
+    aux_dropout: float = 0.0
+    """`inline` only: probability that a sample is rendered without its auxiliary images (drawn per sample
+    key and epoch), so the model also learns to reason in text alone, as it must when it generates."""
     observation_weight: float = 2.0
     """Cross-entropy weight of tokens inside `<observation>…</observation>` (stage 1: ×2, later ×4)."""
     answer_template: str = "The answer is {answer}."
@@ -73,14 +80,26 @@ class Processor:
         tokens_per_image: int,
         layout: SequenceLayout,
         cfg: ProcessorConfig = ProcessorConfig(),
+        teacher_layout: SequenceLayout | None = None,
     ):
+        """`teacher_layout`: also render each sample in this layout (`ProcessedSample.teacher`), for a
+        distillation stage whose teacher runs online on its own view of the same sample."""
         self.tok = tokenizer
         self.transform = image_transform
         self.tokens_per_image = tokens_per_image
         self.layout = layout
+        self.teacher_layout = teacher_layout
         self.cfg = cfg
         self.ids = token_ids(tokenizer)
         self._cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def for_model(
+        cls, model, layout: SequenceLayout, cfg: ProcessorConfig = ProcessorConfig(), teacher_layout: SequenceLayout | None = None
+    ) -> "Processor":
+        """The processor matching a `LatentVLM`'s tokenizer, image transform and image-token count."""
+        backbone = model.backbone
+        return cls(model.tokenizer, backbone.image_transform(train=False), backbone.tokens_per_image, layout, cfg, teacher_layout)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of `text` with no BOS/EOS added."""
@@ -96,59 +115,85 @@ class Processor:
         """The stream calls this at each epoch's start (the Coconut curriculum grows with it)."""
         self.epoch = epoch
 
-    def coconut_k(self, n_steps: int) -> int:
-        lay = self.layout
+    def coconut_k(self, n_steps: int, lay: SequenceLayout | None = None) -> int:
+        """Reasoning steps the Coconut curriculum replaces this epoch (of `n_steps`; the last is kept)."""
+        lay = lay or self.layout
         k = lay.coconut_steps + lay.coconut_growth * getattr(self, "epoch", 0)
         return max(0, min(k, n_steps - 1))
 
     def _block(self, n: int) -> list[int]:
         return [self.ids.latent_start, *[self.ids.latent] * n, self.ids.latent_end]
 
-    def _assistant(self, meta: dict, content: list[dict], emit, emit_image, add_target) -> None:
+    def _drops_aux(self, lay: SequenceLayout, key: str) -> bool:
+        """Whether this sample is rendered without its aux images this epoch (`aux_dropout`)."""
+        if lay.aux_images != "inline" or lay.aux_dropout <= 0:
+            return False
+        digest = hashlib.sha256(f"{key}/{getattr(self, 'epoch', 0)}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") / 2**64 < lay.aux_dropout
+
+    def _assistant(self, lay: SequenceLayout, meta: dict, content: list[dict], key: str, emit, emit_image, add_target, hide) -> None:
         """Emit an assistant turn's content in the layout's form."""
-        lay = self.layout
         if lay.reasoning == "answer_only":
             emit(self.encode_text(lay.answer_template.format(answer=meta["answer"])), True)
             return
-        k = self.coconut_k(sum(1 for it in content if it["type"] == "text")) if lay.coconut_steps or lay.coconut_growth else 0
+        k = self.coconut_k(sum(1 for it in content if it["type"] == "text"), lay) if lay.coconut_steps or lay.coconut_growth else 0
         texts_seen = 0
         if k:
             emit(self._block(k * lay.coconut_slots_per_step), True)
-        for item in content:
+        last_text = max((i for i, it in enumerate(content) if it["type"] == "text"), default=-1)
+        drop_aux = self._drops_aux(lay, key)
+        for i, item in enumerate(content):
             if texts_seen < k:  # inside the replaced steps: text and aux images are dropped
                 texts_seen += item["type"] == "text"
                 continue
             if item["type"] == "text":
-                emit(self.encode_text(item["text"]), True)
+                if lay.reasoning != "latent_only" or i == last_text:
+                    emit(self.encode_text(item["text"]), True)
             elif item["type"] == "image":
                 emit_image(item["ref"])
             elif lay.aux_images == "inline":
-                emit_image(item["ref"])
+                if not drop_aux:
+                    emit_image(item["ref"])
             elif lay.aux_images == "image_then_latent":
-                emit_image(item["ref"])
+                start = emit_image(item["ref"])
                 add_target(item["ref"])
-                emit(self._block(lay.latent_slots), True)
+                block = self._block(lay.latent_slots)
+                hide(start, len(block) - 1)  # the image is visible to the block's start and slots only
+                emit(block, True)
             elif lay.aux_images == "latent":
                 add_target(item["ref"])
                 emit(self._block(lay.latent_slots), True)
 
     def render(self, meta: dict, images: dict[str, Image.Image], key: str = "?") -> ProcessedSample:
+        """The sample in this processor's layout, with the teacher's view attached when there is one."""
+        sample = self._render(self.layout, meta, images, key)
+        if self.teacher_layout is not None:
+            sample.teacher = self._render(self.teacher_layout, meta, images, key)
+        return sample
+
+    def _render(self, lay: SequenceLayout, meta: dict, images: dict[str, Image.Image], key: str) -> ProcessedSample:
         ids: list[int] = []
         labelled: list[bool] = []
         pixels: list[torch.Tensor] = []
         targets: list[tuple[int, torch.Tensor]] = []  # (block index within the sample, aux image)
+        spans: list[tuple[int, int, int]] = []  # (image start, image end, visible until): stage-2 mask
         prompt_length = None
 
         def emit(tokens: list[int], label: bool) -> None:
             ids.extend(tokens)
             labelled.extend([label] * len(tokens))
 
-        def emit_image(ref: str) -> None:
+        def emit_image(ref: str) -> int:
             pixels.append(self.transform(images[ref]))
             emit([self.ids.image] * self.tokens_per_image, False)
+            return len(ids) - self.tokens_per_image
 
         def add_target(ref: str) -> None:  # the block about to be emitted stands for this image
             targets.append((ids.count(self.ids.latent_start), self.transform(images[ref])))
+
+        def hide(image_start: int, visible_tokens_after: int) -> None:  # called before the block is emitted
+            end = image_start + self.tokens_per_image
+            spans.append((image_start, end, len(ids) + visible_tokens_after))
 
         for msg in meta["messages"]:
             role = msg["role"]
@@ -156,7 +201,7 @@ class Processor:
             if role == "assistant":
                 if prompt_length is None:
                     prompt_length = len(ids)
-                self._assistant(meta, msg["content"], emit, emit_image, add_target)
+                self._assistant(lay, meta, msg["content"], key, emit, emit_image, add_target, hide)
             else:
                 for item in msg["content"]:
                     if item["type"] == "text":
@@ -167,9 +212,9 @@ class Processor:
             emit(self._fixed("\n"), False)
         if prompt_length is None:
             raise SampleError("no_assistant_turn", "the sample has no assistant turn to learn", key)
-        return self._finish(key, meta, ids, labelled, pixels, targets, prompt_length)
+        return self._finish(lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length)
 
-    def _finish(self, key, meta, ids, labelled, pixels, targets, prompt_length) -> ProcessedSample:
+    def _finish(self, lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length) -> ProcessedSample:
         if len(ids) > self.cfg.max_length:
             cut = self.cfg.max_length
             inside = {self.ids.image, self.ids.latent, self.ids.latent_start}
@@ -179,9 +224,10 @@ class Processor:
             kept_blocks = sum(1 for t in ids[:cut] if t == self.ids.latent_start)
             ids, labelled, pixels = ids[:cut], labelled[:cut], pixels[:kept_images]
             targets = [t for t in targets if t[0] < kept_blocks]
+            spans = [(a, b, min(u, cut)) for a, b, u in spans if b <= cut]
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels = torch.where(torch.tensor(labelled), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-        weights = self._weights(input_ids, labels)
+        weights = self._weights(lay, input_ids, labels)
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, 1, 1)  # (N_img, 3, H, W)
         aux = torch.stack([t for _, t in targets]) if targets else torch.zeros(0, 3, 1, 1)  # (N_tgt, 3, H, W)
         return ProcessedSample(
@@ -194,14 +240,13 @@ class Processor:
             answer=str(meta["answer"]),
             aux_pixel_values=aux,
             aux_blocks=torch.tensor([b for b, _ in targets], dtype=torch.long),
+            hidden_spans=torch.tensor(spans, dtype=torch.long).view(-1, 3),
         )
 
-    def _weights(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _weights(self, lay: SequenceLayout, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """1 on labelled tokens, `observation_weight` strictly inside observation spans, 0 elsewhere."""
-        opens = (input_ids == self.ids.observation_open).long()
-        closes = (input_ids == self.ids.observation_close).long()
-        depth = torch.cumsum(opens, 0) - torch.cumsum(closes, 0) - opens  # (L,) >0 strictly inside a span
-        weights = torch.where(depth > 0, self.layout.observation_weight, 1.0)
+        inside = observation_mask(input_ids, self.ids.observation_open, self.ids.observation_close)  # (L,)
+        weights = torch.where(inside, lay.observation_weight, 1.0)
         return weights * (labels != IGNORE_INDEX)
 
     def __call__(self, sample: dict) -> ProcessedSample:

@@ -39,11 +39,13 @@ class LMOutput:
 
 
 class Backbone(nn.Module):
-    """Abstract VLM backbone. Subclasses set `hidden_size`, `num_layers`, `tokens_per_image`."""
+    """Abstract VLM backbone. Subclasses set `hidden_size`, `num_layers`, `tokens_per_image`, `token_grid`."""
 
     hidden_size: int
     num_layers: int
     tokens_per_image: int
+    token_grid: tuple[int, int]
+    """(h, w) grid of an image's LM-space tokens, row-major (grounding targets are pooled on it)."""
 
     def image_transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
         raise NotImplementedError
@@ -92,6 +94,7 @@ class ComposedBackbone(Backbone):
         self.num_layers = lm.config.get_text_config().num_hidden_layers
         self.projector = Projector(projector_cfg, self.vision.hidden_size, self.hidden_size, self.vision.grid_size)
         self.tokens_per_image = self.projector.num_tokens
+        self.token_grid = self.projector.token_grid
 
     def image_transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
         return self.vision.image_transform(train=train)

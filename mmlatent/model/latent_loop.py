@@ -50,6 +50,8 @@ class LatentForward:
     """(n_slots, M) each thought's relevance map over the sample's visual tokens (thought mode)."""
     forwards: int
     """LM forward calls made (the cost the loop is judged by)."""
+    inputs_embeds: Tensor | None = None
+    """(B, L, D) the LM inputs before the slots were filled (token and image embeddings)."""
 
 
 def _slot_rows(mask: Tensor, col: int) -> Tensor:
@@ -104,10 +106,11 @@ def latent_forward(
     if not cols:
         out = model.backbone.forward_lm(embeds, attention_mask, position_ids, output_hidden_states=output_hidden_states)
         empty = embeds.new_zeros(0, embeds.shape[-1])
-        return LatentForward(out.logits, out.last_hidden, out.hidden_states, latent_mask, empty, None, None, 1)
-    if schedule == "jacobi":
-        return _jacobi(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, output_hidden_states)
-    return _sequential(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, output_hidden_states)
+        return LatentForward(out.logits, out.last_hidden, out.hidden_states, latent_mask, empty, None, None, 1, embeds)
+    run = _jacobi if schedule == "jacobi" else _sequential
+    out = run(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, output_hidden_states)
+    out.inputs_embeds = embeds
+    return out
 
 
 def _step(model: LatentVLM, h: Tensor, rows: Tensor, cols: Tensor, visual: VisualContext | None):

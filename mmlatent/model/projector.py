@@ -75,6 +75,8 @@ class Projector(nn.Module):
             )
         self.cfg = cfg
         self.grid_size = (h, w)
+        self.token_grid = (h // s, w // s)
+        """The (h, w) grid the output tokens lie on, row-major (after pixel-shuffle)."""
         self.num_tokens = (h // s) * (w // s)
         in_dim = vision_dim * s * s
         if cfg.kind == "mlp":

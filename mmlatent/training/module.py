@@ -25,6 +25,7 @@ from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig, generate
 from mmlatent.model.latent_vlm import LatentVLM
 from mmlatent.model.presets import preset
+from mmlatent.training.checkpoint_io import init_weights
 from mmlatent.training.optim import OptimConfig, build_optimizer
 from mmlatent.training.stages import StageConfig, build_stage
 
@@ -40,6 +41,7 @@ class LatentVLMModule(L.LightningModule):
         stage: StageConfig = StageConfig(),
         optim: OptimConfig = OptimConfig(),
         generation: GenerationConfig = GenerationConfig(),
+        init_from: str | None = None,
     ):
         """
         Args:
@@ -47,6 +49,8 @@ class LatentVLMModule(L.LightningModule):
             stage: Which stage to train and its loss weights.
             optim: AdamW, warm-up and decay, per-module learning-rate multiples.
             generation: Decoding settings for `predict` (and evaluation during training).
+            init_from: The previous stage's checkpoint (`.ckpt`): its weights initialise this stage's model
+                (stage hand-off). Resuming this stage itself is `--ckpt_path`, which restores everything.
         """
         super().__init__()
         # `load_from_checkpoint` passes the stored plain dicts; defaults are shared objects: keep private copies
@@ -67,19 +71,26 @@ class LatentVLMModule(L.LightningModule):
             }
         )
         self.model = LatentVLM(self.vlm_cfg)
+        # not a hyper-parameter: a checkpoint of this stage already holds the weights init_from gave
+        if init_from is not None:
+            fresh = init_weights(self.model, init_from)
+            if fresh:
+                log.info("init_from %s: %d tensors not in the checkpoint keep their fresh init: %s", init_from, len(fresh), fresh)
         self.stage = build_stage(self.stage_cfg)
+        self.stage_cfg.grounding.check(self.model)
         self.skipped: Counter = Counter()
 
     def build_processor(self, train: bool, cfg: ProcessorConfig | None = None) -> Processor:
         """The data processor matching this model and stage (called by the data module)."""
-        backbone = self.model.backbone
-        return Processor(
-            self.model.tokenizer,
-            backbone.image_transform(train=False),
-            backbone.tokens_per_image,
-            self.stage.layout(),
-            cfg or ProcessorConfig(),
-        )
+        slots = self.vlm_cfg.latent.slots
+        teacher = getattr(self.stage, "online_teacher_layout", lambda n: None)(slots)
+        return Processor.for_model(self.model, self.stage.layout(slots), cfg or ProcessorConfig(), teacher)
+
+    def on_fit_start(self) -> None:
+        self.stage.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.stage.to(self.device)
 
     def _step(self, batch: Batch, prefix: str) -> Tensor:
         self.skipped.update(batch.skipped)

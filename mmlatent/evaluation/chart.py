@@ -1,0 +1,60 @@
+"""The results chart: accuracy per group as horizontal bars, with counts and unparsed answers.
+
+MMMU: overall and the six disciplines in one panel, the subjects in a second; ScienceQA: its nine
+columns (NAT … Avg). Bars are labelled `acc% (n, unparsed u)`, so a reader sees how much each bar rests
+on. It is a plain matplotlib figure on the Agg backend (no display needed); the trade-off is a static
+picture, the numbers themselves live in results.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def panels(results: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """(title, {label: group}) per panel, in display order (top to bottom)."""
+    b = results["breakdown"]
+    if "disciplines" in b:
+        return [("overall and disciplines", {"Overall": b["overall"], **b["disciplines"]}), ("subjects", b["subjects"])]
+    return [("groups", b["groups"])]
+
+
+def _draw(ax, title: str, groups: dict[str, dict[str, Any]]) -> None:
+    labels = list(groups)
+    values = [100 * g["acc"] if g["acc"] is not None else 0.0 for g in groups.values()]
+    bars = ax.barh(range(len(labels)), values, color="#4C72B0")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    for bar, g in zip(bars, groups.values()):
+        acc = "n/a" if g["acc"] is None else f"{100 * g['acc']:.1f}%"
+        ax.text(bar.get_width() + 1, bar.get_y() + bar.get_height() / 2, f"{acc} (n={g['num']}, unparsed {g['unparsed']})",
+                va="center", fontsize=7)
+
+
+def plot_results(results: dict[str, Any], path: str | Path) -> Path:
+    """Write the chart of `results` (the results.json object) to `path` (PNG)."""
+    parts = panels(results)
+    heights = [max(1.5, 0.28 * len(groups) + 0.8) for _, groups in parts]
+    fig, axes = plt.subplots(len(parts), 1, figsize=(8, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (title, groups) in zip(axes[:, 0], parts):
+        _draw(ax, title, groups)
+    acc = results.get("acc")
+    headline = "no gold answers" if acc is None else f"{100 * acc:.2f}%"
+    fig.suptitle(
+        f"{results['task']} {results['split']} ({results['subset']}): {headline}, n={results['num']}, "
+        f"unparsed {results['unparsed']}",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,105 @@
+"""`mmlatent eval`: run a model on MMMU or ScienceQA, or re-score saved responses without a model.
+
+    mmlatent eval --task mmmu --data MMMU/MMMU --split validation --model CKPT_OR_EXPORT_DIR --output OUT \
+        [--limit N] [--batch-size B] [--latent | --no-latent]
+    mmlatent eval --task mmmu --data DIR --split validation --responses R.jsonl --output OUT
+
+`--model` takes a Lightning checkpoint (`.ckpt`, loaded with `weights_only=True`) or an exported folder
+or Hub id (`mmlatent.model.pretrained.load_pretrained`). The last line printed is a JSON summary. Plain
+argparse keeps this command independent of the Lightning CLI; the trade-off is that its options are
+listed here rather than derived from the config dataclass (`EvalConfig` still holds their meaning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from mmlatent.evaluation.runner import EvalConfig, evaluate, rescore
+from mmlatent.evaluation.tasks import TASKS, load_eval_data
+from mmlatent.model.latent_vlm import LatentVLM
+
+
+def load_model(path: str, device: str = "cpu") -> LatentVLM:
+    """A `LatentVLM` from a Lightning `.ckpt` or from an exported folder / Hub id, in eval mode on `device`."""
+    p = Path(path)
+    if p.suffix == ".ckpt":
+        if not p.is_file():
+            raise ValueError(f"--model {path!r}: no such checkpoint file")
+        from mmlatent.training.module import LatentVLMModule
+
+        model = LatentVLMModule.load_from_checkpoint(str(p), map_location="cpu", weights_only=True).model
+    elif p.is_dir() and not (p / "config.json").is_file():
+        raise ValueError(f"--model {path!r}: a folder without config.json is not an exported model")
+    else:
+        from mmlatent.model.pretrained import load_pretrained
+
+        model = load_pretrained(path)
+    return model.to(device).eval()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmlatent eval",
+        description="Score a model on MMMU or ScienceQA with the official answer parsing, or re-score saved "
+        "responses. Writes samples.jsonl, results.json, results.png and (MMMU) submission.json to --output.",
+    )
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="Benchmark.")
+    p.add_argument("--data", default=None, help="Hub dataset id or local folder laid out like the Hub repository "
+                   "(default: MMMU/MMMU, derek-thomas/ScienceQA).")
+    p.add_argument("--split", default=None, help="Split (MMMU: dev, validation, test; ScienceQA: test, ...). "
+                   "Default: validation for MMMU, test for ScienceQA.")
+    p.add_argument("--subset", default="full", choices=("full", "img"),
+                   help="`img`: only questions with an image (ScienceQA's IMG set).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Lightning .ckpt, exported model folder, or Hub model id.")
+    source.add_argument("--responses", help='Re-score without a model: JSON lines of {"id", "response"}.')
+    p.add_argument("--output", required=True, help="Output folder.")
+    p.add_argument("--limit", type=int, default=None, help="Evaluate the first N questions only.")
+    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="Questions per generation batch.")
+    p.add_argument("--latent", action=argparse.BooleanOptionalAction, default=EvalConfig.latent,
+                   help="Start answers in a latent block (--no-latent: text only).")
+    p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens,
+                   help="Most generated positions per question (text tokens and latent steps).")
+    p.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
+    p.add_argument("--revision", default=None, help="Hub revision of --data.")
+    p.add_argument("--cache-dir", default=None, help="datasets cache folder (default: the HF cache).")
+    p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
+    return p
+
+
+def headline(results: dict) -> dict:
+    """The summary line printed last."""
+    keys = ("task", "split", "subset", "num", "correct", "acc", "unparsed", "missing")
+    return {k: results[k] for k in keys if k in results}
+
+
+def main(argv: list[str]) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 0:
+        p.error("--limit must be >= 0")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    try:
+        data = load_eval_data(
+            args.task, args.data, args.split, args.subset, args.limit, args.revision, args.cache_dir
+        )
+        if args.responses is not None:
+            results = rescore(data, args.responses, args.output)
+        else:
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model = load_model(args.model, device)
+            cfg = EvalConfig(
+                batch_size=args.batch_size, latent=args.latent, max_new_tokens=args.max_new_tokens,
+                progress=not args.no_progress,
+            )
+            results = evaluate(model, data, cfg, args.output, model_name=args.model)
+    except (ValueError, FileNotFoundError) as err:
+        p.error(str(err))
+    print(f"wrote {args.output}/samples.jsonl, results.json, results.png"
+          + (", submission.json" if args.task == "mmmu" else ""))
+    print(json.dumps(headline(results)))

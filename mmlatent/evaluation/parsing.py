@@ -1,0 +1,211 @@
+"""Answer parsing and matching exactly as the official MMMU scorer does it (MMMU-Benchmark/MMMU, eval_utils).
+
+Multiple choice (`parse_multi_choice_response`): strip punctuation at the ends, pad with spaces, then look
+for candidates in three tiers: a bracketed letter `(A)`; else a bare letter ` A `; else, only for responses
+longer than 5 words, the option text (case-insensitive). With several candidates the one mentioned last
+wins (largest `rfind` index of the form that matched). Open questions (`parse_open_response`): keep the
+tail after indicator phrases ("so ", "is ", "answer ", "=" in the last sentence, …), add every number found
+in it (commas, scientific notation, plain), normalise (numbers to floats rounded to 2 decimals, text to
+lower case), and `eval_open` accepts a numeric equality or a gold string contained in a predicted string.
+
+The one deliberate departure, and its trade-off: where the official scorer picks a random letter for an
+unparsable multiple-choice response (seed 42, so scores shift with the order of questions), we return None,
+count the answer wrong and report how many were unparsed. Scores are then a lower bound of the official
+ones by at most `unparsed / (options)` in expectation, and they are reproducible and order-independent.
+ScienceQA letters are parsed by the same multiple-choice function.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+QuestionType = Literal["multiple-choice", "open"]
+
+_STRIP_CHARS = (",", ".", "!", "?", ";", ":", "'")
+"""Characters stripped, one after the other, from both ends of a multiple-choice response."""
+
+_OPEN_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
+"""Phrases after which an open response states its answer (the official list, in its order)."""
+
+_TRIVIAL = (":", ",", ".", "!", "?", ";", ":", "'")
+"""Key sub-responses that are only punctuation are dropped."""
+
+_NUM_COMMAS = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")
+_NUM_SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
+_NUM_SIMPLE = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
+
+
+def choice_letters(n: int) -> list[str]:
+    """The first `n` option letters: A, B, C, …"""
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def parse_multi_choice_response(response: str, all_choices: list[str], index2ans: dict[str, str]) -> str | None:
+    """The letter the response picks, or None where the official scorer would guess at random."""
+    for char in _STRIP_CHARS:
+        response = response.strip(char)
+    response = " " + response + " "  # spaces on both ends let ` A ` match at the edges
+
+    index_ans = True
+    ans_with_brack = False
+    candidates: list[str] = []
+    for choice in all_choices:  # (A) (B) (C) (D)
+        if f"({choice})" in response:
+            candidates.append(choice)
+            ans_with_brack = True
+    if not candidates:
+        for choice in all_choices:  # A B C D as words
+            if f" {choice} " in response:
+                candidates.append(choice)
+    if not candidates and len(response.split()) > 5:  # a longer response may name the option's text
+        for index, ans in index2ans.items():
+            if ans.lower() in response.lower():
+                candidates.append(index)
+                index_ans = False
+    if not candidates:
+        return None
+    if len(candidates) == 1:
+        return candidates[0]
+    if index_ans and ans_with_brack:
+        starts = [response.rfind(f"({c})") for c in candidates]
+    elif index_ans:
+        starts = [response.rfind(f" {c} ") for c in candidates]
+    else:
+        starts = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
+    return candidates[max(range(len(candidates)), key=starts.__getitem__)]  # first of the latest, as np.argmax
+
+
+def check_is_number(string: str) -> bool:
+    """True when `string` reads as a float once commas are removed."""
+    try:
+        float(string.replace(",", ""))
+        return True
+    except ValueError:
+        return False
+
+
+def normalize_str(string: str) -> list[str | float]:
+    """A number becomes [its float rounded to 2 decimals]; text is lower-cased (a single character is
+    padded with a space on either side, so that it cannot match inside a word)."""
+    string = string.strip()
+    if check_is_number(string):
+        return [round(float(string.replace(",", "")), 2)]
+    string = string.lower()
+    if len(string) == 1:
+        return [" " + string, string + " "]
+    return [string]
+
+
+def extract_numbers(string: str) -> list[str]:
+    """Every number in `string`: with thousands commas, in scientific notation, then plain ones."""
+    return _NUM_COMMAS.findall(string) + _NUM_SCIENTIFIC.findall(string) + _NUM_SIMPLE.findall(string)
+
+
+def key_subresponses(response: str) -> list[str]:
+    """The parts of a response that likely hold the answer: per sentence, the shortest tail after an
+    indicator phrase (`=` counts too in the last sentence); the whole response when there is none."""
+    response = response.strip().strip(".").lower()
+    sub_responses = re.split(r"\.\s(?=[A-Z])|\n", response)
+    indicators = list(_OPEN_INDICATORS)
+    keys: list[str] = []
+    for index, resp in enumerate(sub_responses):
+        if index == len(sub_responses) - 1:
+            indicators.append("=")  # the last sentence may be a bare equation
+        shortest: str | None = None
+        for indicator in indicators:
+            if indicator in resp:
+                tail = resp.split(indicator)[-1].strip()
+                if not shortest or len(tail) < len(shortest):
+                    shortest = tail
+        if shortest and shortest.strip() not in _TRIVIAL:
+            keys.append(shortest)
+    return keys or [response]
+
+
+def parse_open_response(response: str) -> list[str | float]:
+    """Normalised candidate answers of an open response (strings and floats, deduplicated).
+
+    The official scorer deduplicates with a set; we keep first-seen order instead, which changes no
+    verdict (`eval_open` accepts when any candidate matches) and makes the saved output deterministic.
+    """
+    keys = key_subresponses(response)
+    raw = list(keys)
+    for resp in keys:
+        raw.extend(extract_numbers(resp))
+    out: list[str | float] = []
+    for item in raw:
+        for norm in normalize_str(item):
+            if norm not in out:
+                out.append(norm)
+    return out
+
+
+def eval_multi_choice(gold: str | list[str], pred: str | None) -> bool:
+    """Exact match of the letter (any of the gold letters when there are several)."""
+    if isinstance(gold, list):
+        return any(answer == pred for answer in gold)
+    return gold == pred
+
+
+def eval_open(gold: str | list[str], preds: list[str | float]) -> bool:
+    """A float candidate equal to a numeric gold answer, or a gold string inside a string candidate."""
+    norm_answers: list[str | float] = []
+    for answer in gold if isinstance(gold, list) else [gold]:
+        norm_answers.extend(normalize_str(answer))
+    for pred in preds:
+        if isinstance(pred, str):
+            if any(isinstance(ans, str) and ans in pred for ans in norm_answers):
+                return True
+        elif pred in norm_answers:
+            return True
+    return False
+
+
+def parse_gold(answer: object) -> str | list[str] | None:
+    """A dataset answer as the scorer wants it: a string, a list of acceptable strings (MMMU stores some
+    as a stringified Python list), or None when the split hides its answers (MMMU test: "?" or empty)."""
+    if answer is None:
+        return None
+    if isinstance(answer, (list, tuple)):
+        return [str(a) for a in answer]
+    text = str(answer).strip()
+    if text in ("", "?"):
+        return None
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+        if isinstance(value, (list, tuple)):
+            return [str(a) for a in value]
+    return text
+
+
+@dataclass
+class Judgement:
+    """The verdict on one response."""
+
+    prediction: str | None
+    """Multiple choice: the parsed letter (None if unparsable). Open: the response itself, the form the
+    official submission file takes."""
+    correct: bool | None
+    """Whether the prediction matches the gold answer; None when the split has no gold answers."""
+    unparsed: bool
+    """Multiple choice: no letter could be parsed (the official scorer would guess). Open: empty response."""
+    parsed: list[str | float] = field(default_factory=list)
+    """Open questions: the normalised candidates that were matched against the gold answers."""
+
+
+def judge(question_type: QuestionType, choices: list[str], gold: str | list[str] | None, response: str) -> Judgement:
+    """Parse `response` as the official scorer does and compare it with `gold`."""
+    if question_type == "multiple-choice":
+        letters = choice_letters(len(choices))
+        pred = parse_multi_choice_response(response, letters, dict(zip(letters, choices)))
+        correct = None if gold is None else (pred is not None and eval_multi_choice(gold, pred))
+        return Judgement(prediction=pred, correct=correct, unparsed=pred is None)
+    parsed = parse_open_response(response)
+    correct = None if gold is None else eval_open(gold, parsed)
+    return Judgement(prediction=response, correct=correct, unparsed=not response.strip(), parsed=parsed)

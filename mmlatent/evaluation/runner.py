@@ -1,0 +1,240 @@
+"""Batched generation over a benchmark split, official scoring, and the output files.
+
+Prompts are rendered by the training `Processor` (one ChatML template for training and evaluation): the
+question is a user turn, the assistant turn is opened, and with latent reasoning on the prompt ends with
+`<|latent_start|>`, so the model starts in a latent block; with it off, `<|latent_start|>` is forbidden and
+the model answers in text. Questions are sorted by prompt length before batching, so a batch pads little
+and the KV-cached loop of `generate_from_prompts` serves B questions per forward; the answers go back to
+dataset order. The trade-off: a length pass renders every prompt's ids once more (text only, no pixels)
+before generation starts.
+
+Outputs in OUT/: `samples.jsonl` (one line per question), `results.json` (overall and breakdowns),
+`results.png` (chart) and, for MMMU, `submission.json` in the official `{id: prediction}` form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
+from mmlatent.evaluation.metrics import overall
+from mmlatent.evaluation.parsing import judge
+from mmlatent.evaluation.question import Question
+from mmlatent.evaluation.tasks import EvalData
+from mmlatent.model.generation import GenerationConfig, Generated, generate_from_prompts
+from mmlatent.model.latent_vlm import LatentVLM
+
+
+@dataclass
+class EvalConfig:
+    """How to run the model on a benchmark."""
+
+    batch_size: int = 16
+    """Questions per generation batch."""
+    latent: bool = True
+    """Start the answer in a latent block (`<|latent_start|>` ends the prompt). False: text only, latent
+    blocks forbidden."""
+    max_new_tokens: int = 128
+    """Most generated positions per question (text tokens and latent steps)."""
+    sort_by_length: bool = True
+    """Batch questions of similar prompt length together (less padding); outputs keep dataset order."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def _no_pixels(_image: object) -> Tensor:
+    return torch.zeros(0)
+
+
+class PromptRenderer:
+    """`Question` -> prompt ids (L,) and images (N_img, 3, H, W), rendered like a training sample."""
+
+    def __init__(self, model: LatentVLM, latent: bool):
+        cfg = ProcessorConfig(max_length=sys.maxsize)  # evaluation never drops or cuts a question
+        tok, T = model.tokenizer, model.tokens_per_image
+        self.processor = Processor(tok, model.backbone.image_transform(train=False), T, SequenceLayout(), cfg)
+        self.ids_only = Processor(tok, _no_pixels, T, SequenceLayout(), cfg)  # the length pass: no pixels
+        self.suffix = [model.ids.latent_start] if latent else []
+
+    @staticmethod
+    def meta(question: Question) -> dict:
+        content = [
+            {"type": "image", "ref": f"img{item}"} if isinstance(item, int) else {"type": "text", "text": item}
+            for item in question.content
+        ]
+        return {
+            "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": []}],
+            "answer": "",
+        }
+
+    def _prompt(self, processor: Processor, question: Question, images: dict) -> tuple[Tensor, Tensor]:
+        refs = {f"img{k}": image for k, image in images.items()}
+        sample = processor.render(self.meta(question), refs, key=question.id)
+        prompt = sample.input_ids[: sample.prompt_length]  # (L,) up to and including "<|im_start|>assistant\n"
+        if self.suffix:
+            prompt = torch.cat([prompt, torch.tensor(self.suffix, dtype=prompt.dtype)])  # (L + 1,)
+        return prompt, sample.pixel_values
+
+    def length(self, question: Question) -> int:
+        return int(self._prompt(self.ids_only, question, {k: None for k in question.image_slots})[0].numel())
+
+    def render(self, question: Question, images: dict) -> tuple[Tensor, Tensor]:
+        return self._prompt(self.processor, question, images)
+
+
+def generate_responses(model: LatentVLM, data: EvalData, questions: list[Question], cfg: EvalConfig) -> list[Generated]:
+    """One `Generated` per question, in the order given, from batched greedy decoding."""
+    if not questions:
+        return []
+    renderer = PromptRenderer(model, cfg.latent)
+    order = list(range(len(questions)))
+    if cfg.sort_by_length:
+        lengths = [renderer.length(q) for q in questions]
+        order.sort(key=lengths.__getitem__)
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, latent=cfg.latent)
+    device = next(model.parameters()).device
+    out: list[Generated | None] = [None] * len(questions)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(questions), unit="q", desc=f"eval {data.task.name}", disable=not cfg.progress) as bar:
+            for start in range(0, len(order), cfg.batch_size):
+                chunk = order[start : start + cfg.batch_size]
+                prompts, pixels = [], []
+                for i in chunk:
+                    ids, px = renderer.render(questions[i], data.images(questions[i]))
+                    prompts.append(ids.to(device))
+                    if px.shape[0]:
+                        pixels.append(px)
+                pixel_values = torch.cat(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)  # (N_img, 3, H, W)
+                for i, g in zip(chunk, generate_from_prompts(model, prompts, pixel_values, gen_cfg)):
+                    out[i] = g
+                bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def score(questions: list[Question], responses: list[str], generated: list[Generated] | None = None) -> list[dict[str, Any]]:
+    """Output lines: id, prompt, response, prediction, correct, unparsed, the gold answer and the category
+    fields (plus the normalised candidates of open questions and the generation counts)."""
+    records = []
+    for k, (q, response) in enumerate(zip(questions, responses)):
+        verdict = judge(q.question_type, q.choices, q.gold, response)
+        record: dict[str, Any] = {
+            "id": q.id,
+            "prompt": q.prompt_text(),
+            "response": response,
+            "prediction": verdict.prediction,
+            "correct": verdict.correct,
+            "unparsed": verdict.unparsed,
+            "answer": q.gold,
+            "question_type": q.question_type,
+            **q.fields,
+        }
+        if q.question_type == "open":
+            record["parsed"] = verdict.parsed
+        if generated is not None:
+            record["latent_steps"] = generated[k].latent_steps
+            record["positions"] = generated[k].positions
+        records.append(record)
+    return records
+
+
+def summarize(data: EvalData, records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The results object: where the data came from, overall accuracy, unparsed count and breakdowns."""
+    total = overall(records)
+    return {
+        "task": data.task.name,
+        "data": data.data,
+        "split": data.split,
+        "subset": data.task.subset,
+        **total.as_dict(),
+        "breakdown": data.task.breakdown(records),
+        **extra,
+    }
+
+
+def submission(records: list[dict[str, Any]]) -> dict[str, str]:
+    """MMMU's official `{id: prediction}`: the letter for multiple choice ("" when unparsed, which the
+    official scorer marks wrong), the response for open questions."""
+    return {r["id"]: r["prediction"] if r["prediction"] is not None else "" for r in records}
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(out_dir: str | Path, data: EvalData, records: list[dict[str, Any]], results: dict[str, Any]) -> Path:
+    """Write samples.jsonl, results.json, results.png and (MMMU) submission.json into `out_dir`."""
+    from mmlatent.evaluation.chart import plot_results
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    _write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    if data.task.name == "mmmu":
+        _write_text(out / "submission.json", json.dumps(submission(records), indent=2, ensure_ascii=False) + "\n")
+    plot_results(results, out / "results.png")
+    return out
+
+
+def evaluate(model: LatentVLM, data: EvalData, cfg: EvalConfig, out_dir: str | Path | None = None, model_name: str = "") -> dict[str, Any]:
+    """Generate, score and (with `out_dir`) write every output. Returns the results object."""
+    t0 = time.perf_counter()
+    generated = generate_responses(model, data, data.questions, cfg)
+    seconds = time.perf_counter() - t0
+    records = score(data.questions, [g.text for g in generated], generated)
+    results = summarize(
+        data, records, model=model_name, eval=asdict(cfg),
+        timing={"seconds": round(seconds, 3), "seconds_per_question": round(seconds / max(len(records), 1), 4)},
+    )
+    if out_dir is not None:
+        write_outputs(out_dir, data, records, results)
+    return results
+
+
+def read_responses(path: str | Path) -> dict[str, str]:
+    """`{id: response}` from a JSON-lines file of `{"id", "response"}` objects (later lines win)."""
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out[str(row["id"])] = str(row["response"] if row["response"] is not None else "")
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'id' and 'response' ({err})") from err
+    return out
+
+
+def rescore(data: EvalData, responses_path: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score saved raw responses without a model. Questions with no response are left out and counted
+    (`missing`), as the official script scores only what it is given; an id the split lacks is an error."""
+    responses = read_responses(responses_path)
+    known = data.by_id()
+    unknown = [i for i in responses if i not in known]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} response id(s) not in {data.task.name} {data.split} (subset {data.task.subset}), "
+            f"e.g. {unknown[:3]}"
+        )
+    answered = [q for q in data.questions if q.id in responses]
+    records = score(answered, [responses[q.id] for q in answered])
+    results = summarize(data, records, responses=str(responses_path), missing=len(data.questions) - len(answered))
+    if out_dir is not None:
+        write_outputs(out_dir, data, records, results)
+    return results

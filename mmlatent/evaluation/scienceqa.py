@@ -1,0 +1,88 @@
+"""ScienceQA (the full test set, or its image subset): rows to questions and prompts.
+
+The prompt is the LLaVA / lmms-eval one: the image first when there is one, then `Context: {hint}` when
+the hint is not empty, the question, the options as `A. …` lines and "Answer with the option's letter from
+the given choices directly.". The answer column is the index of the right choice; it becomes a letter and
+the response's letter is parsed by the MMMU multiple-choice parser.
+
+Category fields follow the official `get_scores`: `subject`, `grade`, and three context flags, `has_text`
+(hint not empty), `has_image` and `no_context` (neither). The image subset is the questions that have an
+image; it is taken by filtering, so the same ids (`{split}_{row}` where the data has no id column) come out
+of the full set and of the subset, at the cost of reading the full split's text columns to make the
+subset. A folder holding both `ScienceQA-FULL` and `ScienceQA-IMG` configs (lmms-lab's layout) is read from
+its FULL config, for that reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mmlatent.evaluation.metrics import scienceqa_breakdown
+from mmlatent.evaluation.parsing import choice_letters
+from mmlatent.evaluation.question import Question, Task
+
+POST_PROMPT = "Answer with the option's letter from the given choices directly."
+"""Instruction line after the options."""
+
+FULL_CONFIG = "ScienceQA-FULL"
+"""Folder (config) name of the full set where a repository holds several configs."""
+
+
+def prompt_text(hint: str, question: str, choices: list[str]) -> str:
+    """Text of the user turn (the image, if any, goes before it)."""
+    context = f"Context: {hint}\n" if hint else ""
+    listed = "\n".join(f"{letter}. {choice}" for letter, choice in zip(choice_letters(len(choices)), choices))
+    return f"{context}{question}\n{listed}\n{POST_PROMPT}"
+
+
+class ScienceQATask(Task):
+    """ScienceQA: multiple-choice science questions, some with an image and a textual context (hint)."""
+
+    name: ClassVar[str] = "scienceqa"
+    default_data: ClassVar[str] = "derek-thomas/ScienceQA"
+    default_split: ClassVar[str] = "test"
+    image_columns: ClassVar[tuple[str, ...]] = ("image",)
+
+    def select_files(self, groups: dict[str, list[Path]]) -> list[Path]:
+        if len(groups) <= 1:
+            return [f for files in groups.values() for f in files]
+        for folder, files in groups.items():
+            if Path(folder).name == FULL_CONFIG:
+                return files
+        raise ValueError(
+            f"ScienceQA files in several folders {sorted(groups)} and none is {FULL_CONFIG!r}; "
+            "point --data at one of them"
+        )
+
+    def questions(self, rows: list[dict[str, Any]], present: list[list[bool]], split: str) -> list[Question]:
+        out = []
+        for row_index, (row, has) in enumerate(zip(rows, present)):
+            has_image = bool(has[0])
+            if self.subset == "img" and not has_image:
+                continue
+            hint = str(row.get("hint") or "").strip()
+            choices = [str(c) for c in row["choices"]]
+            text = prompt_text(hint, str(row["question"]), choices)
+            answer = row.get("answer")
+            out.append(
+                Question(
+                    id=str(row["id"]) if row.get("id") is not None else f"{split}_{row_index}",
+                    row=row_index,
+                    content=[0, text] if has_image else [text],
+                    question_type="multiple-choice",
+                    choices=choices,
+                    gold=None if answer is None or int(answer) < 0 else choice_letters(int(answer) + 1)[-1],
+                    fields={
+                        "subject": row.get("subject"),
+                        "grade": row.get("grade"),
+                        "has_text": bool(hint),
+                        "has_image": has_image,
+                        "no_context": not hint and not has_image,
+                    },
+                )
+            )
+        return out
+
+    def breakdown(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return scienceqa_breakdown(records)

@@ -1,0 +1,470 @@
+"""Save a `LatentVLM` as a Hub-ready folder, load it back exactly, and upload folders to the Hub.
+
+Folder layout (format version 1), every file written deterministically (sorted keys, stable JSON, safetensors
+with fixed metadata) so saving a loaded model again gives the same bytes:
+
+    config.json                    {"format_version", "library_name", "architectures", "model": ModelConfig}
+    model.safetensors              every weight outside the LM (vision tower, projector, latent heads), or
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json past `max_shard_size`
+    lm/                            the causal LM as transformers writes it (config.json, safetensors, sharded
+                                   the same way), loadable alone with `AutoModelForCausalLM`
+    tokenizer.json, tokenizer_config.json, ...   the tokenizer with mmlatent's special tokens
+    image_processor_config.json    the vision tower's eval transform, step by step (informational)
+    generation_config.json         mmlatent's `GenerationConfig` (when one is given)
+
+Trade-off: the LM sits in its own transformers folder instead of in one state dict with the rest. Loading
+then builds it with `AutoModelForCausalLM.from_pretrained`, which reads the exact architecture from its
+`config.json` and its weights straight from safetensors (no random init of a multi-billion-parameter LM that
+is overwritten at once), and any transformers user can load the LM alone. The price is two weight sets in
+one folder. The small rest (vision tower, projector, heads) is built with random init, never downloading
+pretrained weights, and overwritten from `model.safetensors`.
+
+The written `ModelConfig` is relocatable: `tokenizer.name_or_path` is `"."` (the folder itself),
+`lm.name_or_path` is `"lm"`, `vision.pretrained` is None, revisions are None. The loader resolves those
+against the folder it reads, so a local folder loads with no network and no file outside it; a Hub id is
+first fetched whole with `snapshot_download`. Weights are read from safetensors only; nothing is unpickled.
+Writes are atomic: everything goes to a temporary folder beside the target, which is renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from huggingface_hub import HfApi, get_token, save_torch_state_dict, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+from safetensors.torch import load_file
+from torch import Tensor
+
+from mmlatent.config_io import from_dict, to_dict
+from mmlatent.model.backbone import ComposedBackbone
+from mmlatent.model.config import ModelConfig
+from mmlatent.model.generation import GenerationConfig
+from mmlatent.model.latent_vlm import LatentVLM
+
+FORMAT_VERSION = 1
+"""Version of the folder layout; bump on incompatible changes (the loader refuses newer versions)."""
+LIBRARY_NAME = "mmlatent"
+CONFIG_FILE = "config.json"
+WEIGHTS_PATTERN = "model{suffix}.safetensors"
+WEIGHTS_FILE = WEIGHTS_PATTERN.format(suffix="")
+WEIGHTS_INDEX_FILE = WEIGHTS_FILE + ".index.json"
+LM_FOLDER = "lm"
+LM_PREFIX = "backbone.lm."
+"""State-dict prefix of the LM inside a `LatentVLM` with a composed backbone (stored in `lm/` instead)."""
+TOKENIZER_SOURCE = "."
+IMAGE_PROCESSOR_FILE = "image_processor_config.json"
+GENERATION_FILE = "generation_config.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+TOKENIZER_RUNTIME_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash")
+"""Load-time arguments transformers copies into `tokenizer_config.json`; they depend on where the tokenizer
+was loaded from (a Hub id or a folder), so they are dropped to keep re-saves byte-identical."""
+
+
+class HubAccessError(RuntimeError):
+    """The Hugging Face Hub could not be used: no network, offline mode, no token, no permission, no repo."""
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Stable JSON: sorted keys, two-space indent, UTF-8, trailing newline."""
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextmanager
+def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` by rename.
+
+    An existing non-empty `out_dir` is replaced only with `overwrite=True`. On any error the temporary
+    folder is removed and `out_dir` is left as it was.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def portable_config(cfg: ModelConfig) -> ModelConfig:
+    """The config written to `config.json`: every source points inside the folder, nothing to download."""
+    out = copy.deepcopy(cfg)
+    out.tokenizer.name_or_path = TOKENIZER_SOURCE
+    out.tokenizer.revision = None
+    out.lm.name_or_path = LM_FOLDER
+    out.lm.revision = None
+    out.vision.pretrained = None  # the architecture is rebuilt at random init, then the saved weights load
+    return out
+
+
+def _check_exportable(model: LatentVLM) -> None:
+    if not isinstance(model.backbone, ComposedBackbone):
+        raise ValueError(
+            f"save_pretrained writes composed backbones (vision tower + projector + LM); got "
+            f"{type(model.backbone).__name__}"
+        )
+    name = model.cfg.vision.name
+    if name.startswith("hf-hub:"):
+        # timm and open_clip read an `hf-hub:` tower's architecture from the Hub even at random init,
+        # so the folder could not be loaded offline.
+        raise ValueError(
+            f"vision.name={name!r}: an `hf-hub:` tower needs the Hub to rebuild its architecture; export a model "
+            f"whose vision.name is a timm or open_clip config name (with vision.pretrained a weights file)"
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if callable(value):
+        return getattr(value, "__name__", type(value).__name__)
+    return repr(value)
+
+
+def image_processor_config(model: LatentVLM) -> dict:
+    """The vision tower's eval transform described step by step, plus the image/token geometry.
+
+    Informational (for users preprocessing without mmlatent): loading rebuilds the transform from the vision
+    config through the library's own `image_transform`, so this file can never disagree with the model.
+    """
+    vision = model.backbone.vision
+    steps = []
+    for step in getattr(vision.image_transform(train=False), "transforms", []):
+        args = {k: _jsonable(v) for k, v in vars(step).items() if not k.startswith("_") and k != "training"}
+        steps.append({"type": type(step).__name__, **args})
+    return {
+        "library": vision.cfg.library,
+        "image_size": list(vision.image_size),
+        "patch_grid": list(vision.grid_size),
+        "tokens_per_image": model.tokens_per_image,
+        "image_token": model.tokenizer.convert_ids_to_tokens(model.ids.image),
+        "transform": steps,
+    }
+
+
+def _clean_tokenizer_config(folder: Path) -> None:
+    path = folder / "tokenizer_config.json"
+    if path.exists():
+        data = read_json(path)
+        for key in TOKENIZER_RUNTIME_KEYS:
+            data.pop(key, None)
+        write_json(path, data)
+
+
+def write_model_files(
+    model: LatentVLM,
+    folder: str | Path,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    generation: GenerationConfig | None = None,
+) -> list[str]:
+    """Write the model's files into an existing (usually temporary) folder; return their relative paths."""
+    _check_exportable(model)
+    folder = Path(folder)
+    write_json(
+        folder / CONFIG_FILE,
+        {
+            "architectures": ["LatentVLM"],
+            "format_version": FORMAT_VERSION,
+            "library_name": LIBRARY_NAME,
+            "model": to_dict(portable_config(model.cfg)),
+        },
+    )
+    model.backbone.lm.save_pretrained(str(folder / LM_FOLDER), max_shard_size=max_shard_size)
+    rest = {k: v.detach().cpu() for k, v in sorted(model.state_dict().items()) if not k.startswith(LM_PREFIX)}
+    save_torch_state_dict(rest, folder, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+    index = folder / WEIGHTS_INDEX_FILE
+    if index.exists():
+        write_json(index, read_json(index))  # huggingface_hub writes it unsorted and without a final newline
+    model.tokenizer.save_pretrained(str(folder))
+    _clean_tokenizer_config(folder)
+    write_json(folder / IMAGE_PROCESSOR_FILE, image_processor_config(model))
+    if generation is not None:
+        write_json(folder / GENERATION_FILE, dataclasses.asdict(generation))
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def save_pretrained(
+    model: LatentVLM,
+    out_dir: str | Path,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    generation: GenerationConfig | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` as a folder `load_pretrained` reads back exactly (atomically; see the module docstring).
+
+    Args:
+        model: The model to save (any device; tensors are copied to CPU).
+        out_dir: Target folder; must be absent or empty unless `overwrite`.
+        max_shard_size: Shard the safetensors files past this size (`"5GB"`, `"200MB"` or bytes).
+        generation: Decoding settings to store as `generation_config.json`.
+        overwrite: Replace an existing non-empty `out_dir`.
+    """
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        write_model_files(model, tmp, max_shard_size=max_shard_size, generation=generation)
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of the HTTP client huggingface_hub uses (`httpx2` in 2.4, `httpx` before)."""
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def resolve_folder(dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> Path:
+    """A local export folder as is, or a Hub id downloaded (or found in the cache) with `snapshot_download`."""
+    path = Path(dir_or_hub_id).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub ids; {path} is a local folder")
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; expected an mmlatent export folder or a Hub id")
+    repo_id = str(dir_or_hub_id)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise FileNotFoundError(f"{repo_id}: no such folder, and not a Hub model id (`org/name`)") from None
+    if "/" not in repo_id:
+        raise FileNotFoundError(f"{repo_id}: no such folder, and not a Hub model id (`org/name`)")
+    where = f"{repo_id}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token, library_name=LIBRARY_NAME))
+    except LocalEntryNotFoundError as err:
+        raise HubAccessError(
+            f"could not download {where}: the Hub is unreachable (no network, or HF_HUB_OFFLINE=1) and it is not "
+            f"in the local cache. Connect, or pass a local export folder. ({err})"
+        ) from err
+    except GatedRepoError as err:
+        raise HubAccessError(f"{where} is gated: accept its terms on the Hub and log in (HF_TOKEN). ({err})") from err
+    except RepositoryNotFoundError as err:
+        raise HubAccessError(
+            f"{where}: repository not found, or private and the token (HF_TOKEN or `hf auth login`) has no "
+            f"access. ({err})"
+        ) from err
+    except RevisionNotFoundError as err:
+        raise HubAccessError(f"{where}: no such revision. ({err})") from err
+    except _transport_errors() as err:
+        raise HubAccessError(f"could not reach the Hugging Face Hub to download {where}: {err}") from err
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The `ModelConfig` stored in an export folder (relocatable form), after checking the format version."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; not an mmlatent export folder")
+    data = read_json(path)
+    if data.get("library_name") != LIBRARY_NAME or "model" not in data:
+        raise ValueError(f"{path}: not an mmlatent config (library_name={data.get('library_name')!r})")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version={version!r}, this mmlatent reads versions up to {FORMAT_VERSION}; upgrade mmlatent"
+        )
+    return from_dict(ModelConfig, data["model"], path="model")
+
+
+def loading_config(cfg: ModelConfig, folder: Path) -> ModelConfig:
+    """`cfg` with its folder-relative sources resolved against `folder` (so nothing is downloaded)."""
+    out = copy.deepcopy(cfg)
+    out.tokenizer.name_or_path = str(_inside(folder, cfg.tokenizer.name_or_path or TOKENIZER_SOURCE, "tokenizer"))
+    out.lm.name_or_path = str(_inside(folder, cfg.lm.name_or_path or LM_FOLDER, "lm"))
+    out.vision.pretrained = None
+    return out
+
+
+def _inside(folder: Path, relative: str, field: str) -> Path:
+    """`folder / relative`, refusing a source outside the folder (a config must not point elsewhere)."""
+    root = folder.resolve()
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(f"{folder / CONFIG_FILE}: model.{field}.name_or_path={relative!r} points outside the folder")
+    return path
+
+
+def read_weights(folder: str | Path) -> dict[str, Tensor]:
+    """The non-LM state dict from `model.safetensors` or its shards. Safetensors only; never a pickle."""
+    folder = Path(folder)
+    if (folder / WEIGHTS_INDEX_FILE).exists():
+        files = sorted(set(read_json(folder / WEIGHTS_INDEX_FILE)["weight_map"].values()))
+    elif (folder / WEIGHTS_FILE).exists():
+        files = [WEIGHTS_FILE]
+    else:
+        raise FileNotFoundError(
+            f"{folder}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} (only safetensors weights are read)"
+        )
+    state: dict[str, Tensor] = {}
+    for name in files:
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise ValueError(f"{folder / WEIGHTS_INDEX_FILE}: shard {name!r} is not a safetensors file in the folder")
+        state.update(load_file(str(folder / name)))
+    return state
+
+
+def load_pretrained(dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> LatentVLM:
+    """Build the `LatentVLM` saved in a folder (or Hub repo), in eval mode, on the CPU, exactly as saved.
+
+    Args:
+        dir_or_hub_id: A folder written by `save_pretrained` / `mmlatent export`, or a Hub id (`org/name`).
+        revision: Branch, tag or commit of a Hub id.
+        token: Hub token for private repos (default: HF_TOKEN or the login cache).
+    """
+    folder = resolve_folder(dir_or_hub_id, revision=revision, token=token)
+    model = LatentVLM(loading_config(read_config(folder), folder))
+    state = read_weights(folder)
+    expected = {k for k in model.state_dict() if not k.startswith(LM_PREFIX)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}: weights do not match the model built from {CONFIG_FILE}: "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    for key, value in state.items():
+        if value.shape != model.state_dict()[key].shape:
+            raise ValueError(f"{folder}: {key} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(model.state_dict()[key].shape)}")
+    # assign=True keeps the stored dtypes (a bf16 save stays bf16); requires_grad stays the module's
+    model.load_state_dict(state, strict=False, assign=True)
+    return model.eval()
+
+
+def load_generation_config(dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> GenerationConfig:
+    """The folder's `generation_config.json` as a `GenerationConfig` (the defaults when there is none)."""
+    path = resolve_folder(dir_or_hub_id, revision=revision, token=token) / GENERATION_FILE
+    return from_dict(GenerationConfig, read_json(path), path="generation") if path.exists() else GenerationConfig()
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+
+
+def resolve_token(token: str | None = None) -> str:
+    """`token`, else HF_TOKEN, else the login cache (`hf auth login`); a clear error when there is none."""
+    token = token or get_token()
+    if not token:
+        raise HubAccessError(
+            "no Hugging Face token: set the HF_TOKEN environment variable or run `hf auth login` "
+            "(a token with write access is needed to push)"
+        )
+    return token
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+):
+    """Upload an export folder to the Hub model repo `repo_id`; return the `CommitInfo`.
+
+    Creates the repo if needed (`private` applies only then; an existing repo keeps its visibility) and the
+    branch `revision` if given and missing. Raises `HubAccessError` naming the problem: no token, offline
+    mode, no network, a rejected token or no write access.
+    """
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; push an mmlatent export folder")
+    validate_repo_id(repo_id)
+    api = HfApi(token=resolve_token(token), library_name=LIBRARY_NAME)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message or f"Upload {folder.name} with mmlatent",
+        )
+    except OfflineModeIsEnabled as err:
+        raise HubAccessError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload") from err
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if status == 401:
+            raise HubAccessError(f"cannot push to {repo_id}: the Hub rejected the token (401). ({err})") from err
+        if status == 403:
+            raise HubAccessError(f"cannot push to {repo_id}: the token has no write access (403). ({err})") from err
+        raise HubAccessError(f"cannot push to {repo_id}: {err}") from err
+    except _transport_errors() as err:
+        raise HubAccessError(f"cannot push to {repo_id}: the Hugging Face Hub is unreachable (no network?): {err}") from err
+
+
+def push_model_to_hub(
+    model: LatentVLM,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    generation: GenerationConfig | None = None,
+    commit_message: str | None = None,
+):
+    """Save `model` to a temporary folder with a model card and push it (what `LatentVLM.push_to_hub` does)."""
+    from mmlatent.hub.model_card import CardInfo, build_model_card
+
+    token = resolve_token(token)  # fail before writing anything
+    with tempfile.TemporaryDirectory(prefix="mmlatent-push-") as tmp:
+        folder = Path(tmp) / repo_id.split("/")[-1]
+        folder.mkdir()
+        files = write_model_files(model, folder, max_shard_size=max_shard_size, generation=generation)
+        card = build_model_card(
+            model.cfg, CardInfo(model_name=repo_id.split("/")[-1]), num_parameters=model.num_parameters(), files=files
+        )
+        card.save(folder / "README.md")
+        return push_to_hub(folder, repo_id, private=private, revision=revision, token=token,
+                           commit_message=commit_message)

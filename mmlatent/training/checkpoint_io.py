@@ -1,0 +1,63 @@
+"""Reading mmlatent's Lightning checkpoints outside the Trainer: the one place that opens them.
+
+Stage hand-off (`init_from`), online teachers and the teacher-cache command all need "the `LatentVLM` in
+this checkpoint" without a Trainer. Checkpoints are opened with `torch.load(weights_only=True)`: the
+module stores its hyper-parameters as plain dicts, so no pickle of a class is needed, and nothing in a
+checkpoint can run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmlatent.config_io import from_dict
+from mmlatent.model.config import ModelConfig
+from mmlatent.model.latent_vlm import LatentVLM
+
+MODEL_PREFIX = "model."
+"""Prefix of the `LatentVLM` parameters in the Lightning module's state dict."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict, with a clear error when the file is missing or not a Lightning checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"{path} is not an mmlatent Lightning checkpoint (no state_dict/hyper_parameters)")
+    return ckpt
+
+
+def model_state(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The `LatentVLM` part of a module state dict, with the `model.` prefix removed."""
+    return {k[len(MODEL_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
+def load_model(path: str | Path) -> LatentVLM:
+    """The `LatentVLM` a checkpoint holds, built from its stored config, in eval mode."""
+    ckpt = read_checkpoint(path)
+    model = LatentVLM(from_dict(ModelConfig, ckpt["hyper_parameters"]["vlm"]))
+    model.load_state_dict(model_state(ckpt), strict=True)
+    return model.eval()
+
+
+def init_weights(model: LatentVLM, path: str | Path) -> list[str]:
+    """Copy the weights of a previous stage's checkpoint into `model` (stage hand-off).
+
+    Every tensor the checkpoint holds must fit; parameters the checkpoint lacks keep their fresh init (a
+    later stage may add an LQ-Former or a diffusion head) and their names are returned so the caller can
+    say so. A shape mismatch or an unknown key is an error naming the tensor.
+    """
+    state = model_state(read_checkpoint(path))
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"init_from {path}: tensors not in this model: {unknown[:5]}{' …' if len(unknown) > 5 else ''}")
+    for name, tensor in state.items():
+        if own[name].shape != tensor.shape:
+            raise ValueError(f"init_from {path}: {name} has shape {tuple(tensor.shape)}, model has {tuple(own[name].shape)}")
+    model.load_state_dict(state, strict=False)
+    return sorted(set(own) - set(state))

@@ -1,0 +1,92 @@
+"""Grounding losses on latent blocks, gathered from a latent forward and a batch.
+
+The losses themselves are pure functions in `mmlatent/losses/`; this file only lines up their inputs:
+which latent vectors belong to which block, and which auxiliary image each block stands for. A stage
+turns each term on with a weight (`GroundingConfig`); a weight of 0 skips the work entirely.
+
+- sketch: the block's N latent vectors vs the frozen tower's features of its aux image, projected to LM
+  space and pooled to N tokens;
+- diffusion: the diffusion head denoises the aux image's visual tokens conditioned on the block's vectors;
+- contrastive: InfoNCE between the mean latent vector of each block and the mean target token, across
+  the blocks of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mmlatent.data.batch import Batch
+from mmlatent.losses.contrastive import info_nce
+from mmlatent.losses.diffusion import diffusion_loss
+from mmlatent.losses.sketch import pool_tokens, sketch_loss
+from mmlatent.model.diffusion_head import train_scheduler
+from mmlatent.model.latent_vlm import LatentVLM
+
+
+@dataclass
+class GroundingConfig:
+    """Weights of the grounding losses on latent blocks (0 turns a loss off)."""
+
+    sketch_weight: float = 0.0
+    """Sketch reconstruction (SkiLa); DESIGN's default when on: 0.1."""
+    sketch_kind: Literal["mse", "cosine"] = "mse"
+    """Normalised MSE or 1 - cos between latent vectors and pooled targets."""
+    diffusion_weight: float = 0.0
+    """Diffusion reconstruction (CoCoVa); needs `model.vlm.latent.diffusion_head: true`."""
+    contrastive_weight: float = 0.0
+    """Symmetric InfoNCE (CoCoVa); needs `model.vlm.latent.contrastive: true`."""
+
+    def check(self, model: LatentVLM) -> None:
+        """Fail at start, naming the field, when a loss is on but the model lacks its module."""
+        if self.diffusion_weight > 0 and model.diffusion_head is None:
+            raise ValueError("stage.grounding.diffusion_weight > 0 needs model.vlm.latent.diffusion_head: true")
+        if self.contrastive_weight > 0 and model.logit_scale is None:
+            raise ValueError("stage.grounding.contrastive_weight > 0 needs model.vlm.latent.contrastive: true")
+
+    @property
+    def any(self) -> bool:
+        return self.sketch_weight > 0 or self.diffusion_weight > 0 or self.contrastive_weight > 0
+
+
+def block_vectors(input_ids: Tensor, latent_mask: Tensor, latent_vectors: Tensor, latent_start: int, blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """The latent vectors of the chosen blocks, padded: ((n, N_max, D), (n, N_max) valid mask).
+
+    Blocks are numbered across the batch in row-major order of their `<|latent_start|>` tokens (the numbering
+    of `Batch.aux_blocks`); `latent_vectors` (n_slots, D) follow `latent_mask`'s row-major order.
+    """
+    block_id = torch.cumsum((input_ids == latent_start).flatten().long(), 0) - 1  # (B·L,) block of each position
+    slot_block = block_id[latent_mask.flatten()]  # (n_slots,)
+    members = [latent_vectors[slot_block == int(b)] for b in blocks]  # each (N_b, D)
+    n_max = max(m.shape[0] for m in members)
+    D = latent_vectors.shape[-1]
+    out = latent_vectors.new_zeros(len(members), n_max, D)
+    valid = torch.zeros(len(members), n_max, dtype=torch.bool, device=latent_vectors.device)
+    for i, m in enumerate(members):
+        out[i, : m.shape[0]] = m
+        valid[i, : m.shape[0]] = True
+    return out, valid  # (n, N_max, D), (n, N_max)
+
+
+def grounding_losses(model: LatentVLM, batch: Batch, latent_mask: Tensor, latent_vectors: Tensor, cfg: GroundingConfig) -> dict[str, Tensor]:
+    """Weighted `*_loss` terms for the blocks of `batch` that have an aux image; {} when none applies."""
+    if not cfg.any or batch.aux_blocks.numel() == 0:
+        return {}
+    vectors, valid = block_vectors(batch.input_ids, latent_mask, latent_vectors, model.ids.latent_start, batch.aux_blocks)
+    targets = model.grounding_targets(batch.aux_pixel_values)  # (n, T, D), no gradient
+    losses: dict[str, Tensor] = {}
+    if cfg.sketch_weight > 0:
+        pooled = pool_tokens(targets, model.backbone.token_grid, vectors.shape[1])  # (n, N_max, D)
+        losses["sketch_loss"] = cfg.sketch_weight * sketch_loss(vectors, pooled, cfg.sketch_kind, valid)
+    if cfg.diffusion_weight > 0:
+        sched = train_scheduler(model.cfg.latent.diffusion)
+        losses["diffusion_loss"] = cfg.diffusion_weight * diffusion_loss(model.diffusion_head, sched, targets, vectors, valid)
+    if cfg.contrastive_weight > 0 and vectors.shape[0] > 1:
+        mean_latent = (vectors * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)  # (n, D)
+        losses["contrastive_loss"] = cfg.contrastive_weight * info_nce(mean_latent, targets.mean(1), model.logit_scale)
+    return losses
+
+

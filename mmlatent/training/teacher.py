@@ -1,0 +1,175 @@
+"""Teacher hidden states for latent distillation: from a frozen model run online, or from a cache.
+
+Stage 2 aligns the student's hidden states at observation tokens with the stage-1 teacher's (which sees
+the aux images inline); stage 3 aligns its latent slots with stage 2's. Both read "the teacher's states
+at some positions of its own view of the same sample", so one function, `teacher_states`, computes them
+for the online teacher and for the cache writer alike, and the stage never knows which one it got.
+
+The cache (`mmlatent teacher …`) runs the teacher once over the shards and stores, per sample key, a
+(num_layers, n_positions, D) tensor in safetensors part files with an `index.json` mapping keys to parts.
+The trade-off: disk (layers × positions × D per sample, fp16 by default) against a teacher forward per
+step, which for stage 2 is the inline layout's full forward and for stage 3 a whole latent loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from mmlatent.data.batch import Batch
+from mmlatent.data.masks import observation_mask
+from mmlatent.model.latent_loop import latent_forward
+from mmlatent.model.latent_vlm import LatentVLM
+
+Positions = Literal["observation", "latent"]
+INDEX = "index.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TeacherConfig:
+    """Where a distillation stage gets its teacher's hidden states (exactly one of the two)."""
+
+    checkpoint: str | None = None
+    """The previous stage's Lightning checkpoint, run online as a frozen teacher on every batch."""
+    cache: str | None = None
+    """A folder written by `mmlatent teacher`: the same states precomputed once, keyed by sample key."""
+
+
+def target_positions(model: LatentVLM, input_ids: Tensor, kind: Positions) -> Tensor:
+    """(B, L) ids -> (B, L) bool: observation tokens (stage 2) or latent slots (stage 3)."""
+    if kind == "observation":
+        return observation_mask(input_ids, model.ids.observation_open, model.ids.observation_close)
+    return input_ids == model.ids.latent
+
+
+def gather_states(hidden_states: tuple[Tensor, ...], positions: Tensor) -> list[Tensor]:
+    """Per sample, the states of every layer after the embeddings at `positions`.
+
+    hidden_states: num_layers + 1 tensors of (B, L, D); positions (B, L) bool -> B tensors (num_layers, n_b, D).
+    """
+    layers = torch.stack(hidden_states[1:])  # (num_layers, B, L, D)
+    return [layers[:, b, positions[b]] for b in range(positions.shape[0])]
+
+
+@torch.no_grad()
+def teacher_states(model: LatentVLM, view: Batch, kind: Positions) -> list[Tensor]:
+    """The teacher's per-sample (num_layers, n_b, D) states at `kind` positions of its own view."""
+    if (view.input_ids == model.ids.latent).any():  # a latent view (stage 2's): run the latent loop
+        out = latent_forward(
+            model, view.input_ids, view.lm_attention_mask, view.position_ids, view.pixel_values, output_hidden_states=True
+        )
+    else:
+        out = model(view.input_ids, view.lm_attention_mask, view.position_ids, view.pixel_values, output_hidden_states=True)
+    return gather_states(out.hidden_states, target_positions(model, view.input_ids, kind))
+
+
+class TeacherCache:
+    """Reads a teacher-state cache folder: `states(keys)` -> the tensors, in order."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if not index.is_file():
+            raise FileNotFoundError(f"teacher cache {self.folder}: no {INDEX} (write it with `mmlatent teacher`)")
+        meta = json.loads(index.read_text())
+        self.kind: Positions = meta["positions"]
+        self.keys: dict[str, str] = meta["keys"]
+        self._open: dict[str, object] = {}
+
+    def _part(self, name: str):
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.folder / name), framework="pt")
+        return self._open[name]
+
+    def states(self, keys: list[str]) -> list[Tensor]:
+        missing = [k for k in keys if k not in self.keys]
+        if missing:
+            raise KeyError(f"teacher cache {self.folder} has no states for sample key(s) {missing[:5]}")
+        return [self._part(self.keys[k]).get_tensor(k) for k in keys]
+
+
+def write_teacher_cache(
+    model: LatentVLM, batches, out: str | Path, kind: Positions, dtype: torch.dtype = torch.float16, total: int | None = None
+) -> tuple[int, Counter]:
+    """Run `model` over teacher-view `batches` and write one safetensors part per batch.
+
+    Returns the number of samples cached and the samples the pipeline skipped, by reason.
+    Parts are written under a temporary name and renamed, and the index last, so an interrupted run never
+    leaves a cache that looks complete.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys: dict[str, str] = {}
+    skipped: Counter = Counter()
+    with tqdm(total=total, unit="sample", desc="teacher states") as bar:
+        for i, batch in enumerate(batches):
+            states = teacher_states(model, batch, kind)
+            part = f"part-{i:06d}.safetensors"
+            tensors = {k: s.to(dtype).contiguous() for k, s in zip(batch.keys, states)}
+            dupes = sorted(set(tensors) & set(keys))
+            if dupes:
+                raise ValueError(f"sample key(s) {dupes[:5]} appear twice in the shards: the cache is keyed by sample key")
+            tmp = out / f".{part}.tmp"
+            save_file(tensors, str(tmp))
+            os.replace(tmp, out / part)
+            keys.update({k: part for k in tensors})
+            skipped.update(batch.skipped)
+            bar.update(len(batch))
+    tmp = out / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "positions": kind, "keys": keys}, indent=0))
+    os.replace(tmp, out / INDEX)
+    return len(keys), skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`mmlatent teacher`: precompute a distillation stage's teacher states."""
+    from functools import partial
+
+    from mmlatent.data.batch import collate
+    from mmlatent.data.pipeline import ShardStream
+    from mmlatent.data.processor import Processor
+    from mmlatent.training.checkpoint_io import load_model
+    from mmlatent.training.datamodule import expand_shards, manifest_count
+    from mmlatent.training.stages import StageConfig, build_stage
+
+    ap = argparse.ArgumentParser(
+        prog="mmlatent teacher",
+        description="Precompute the teacher hidden states a distillation stage aligns to, keyed by sample key. "
+        "Point the stage at them with --model.stage.teacher.cache=OUT.",
+    )
+    ap.add_argument("--checkpoint", required=True, help="the teacher: stage 1's checkpoint for stage 2, stage 2's for stage 3")
+    ap.add_argument("--stage", required=True, choices=["stage2", "stage3"], help="the stage that will read the cache")
+    ap.add_argument("--shards", required=True, help="shard folder, glob or brace list (the training shards of that stage)")
+    ap.add_argument("--out", required=True, help="cache folder to write")
+    ap.add_argument("--batch-size", type=int, default=16, help="samples per teacher forward")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="storage dtype")
+    ap.add_argument("--workers", type=int, default=1, help="data-loader workers")
+    args = ap.parse_args(argv)
+
+    model = load_model(args.checkpoint)
+    stage = build_stage(StageConfig(name=args.stage, align_weight=0.0))  # layouts only
+    layout = stage.teacher_layout(model.cfg.latent.slots)
+    processor = Processor.for_model(model, layout)
+    urls = expand_shards(args.shards, "--shards")
+    stream = ShardStream(
+        urls, processor, partial(collate, pad_id=processor.ids.pad, latent_start_id=processor.ids.latent_start),
+        args.batch_size, shuffle_buffer=0, loop=False, partial_batches=True,
+    )
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(args.workers, len(urls)))
+    n, skipped = write_teacher_cache(
+        model, loader, args.out, stage.teacher_positions, getattr(torch, args.dtype), manifest_count(args.shards)
+    )
+    print(json.dumps({"cached": n, "skipped": dict(skipped), "out": args.out, "positions": stage.teacher_positions}))

@@ -1,0 +1,160 @@
+"""Stages 2 and 3: the 4D mask, the latent-only alignment gradient, teachers (online and cached), hand-off."""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+
+from mmlatent.data.batch import collate
+from mmlatent.data.masks import block_attention_mask
+from mmlatent.data.pipeline import ShardStream
+from mmlatent.data.processor import Processor
+from mmlatent.losses.alignment import cosine_alignment
+from mmlatent.model.latent_loop import latent_forward
+from mmlatent.training.stages import LatentStage, StageConfig, build_stage, latent_only_alignment
+from mmlatent.training.teacher import TeacherCache, gather_states, target_positions, teacher_states, write_teacher_cache
+
+
+def batches(model, synth_dir, stage_name: str, n: int = 4, teacher: bool = False, split: str = "train"):
+    """Stage-layout batches of `n` real synthetic samples (with the teacher view when asked)."""
+    stage = build_stage(StageConfig(name=stage_name, align_weight=0.0))
+    slots = model.cfg.latent.slots
+    proc = Processor.for_model(model, stage.layout(slots), teacher_layout=stage.teacher_layout(slots) if teacher else None)
+    urls = sorted(str(p) for p in (synth_dir / split).glob("*.tar"))
+    stream = ShardStream(urls, proc, partial(collate, pad_id=proc.ids.pad, latent_start_id=proc.ids.latent_start), n,
+                         shuffle_buffer=0, loop=False, partial_batches=True)
+    return list(stream)
+
+
+def test_block_mask_by_hand():
+    # one sample of 8 tokens: image at 2..4 visible only to queries 2..5 (its block's start and slot); pad at 7
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]])
+    mask = block_attention_mask(attention, [torch.tensor([[2, 4, 6]])])[0, 0]  # (L, L)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    expected = causal.clone()
+    expected[:, 7] = False  # nobody attends to padding ...
+    expected[6:, 2:4] = False  # ... and from position 6 on, the image is hidden
+    expected[7, 7] = True  # the padding row sees itself (no empty softmax row)
+    assert torch.equal(mask, expected)
+
+
+def test_stage2_mask_hides_each_aux_image_from_everything_after_its_block(tiny_model, synth_dir):
+    ids = tiny_model.ids
+    batch = batches(tiny_model, synth_dir, "stage2")[0]
+    B, L = batch.input_ids.shape
+    assert batch.block_mask is not None and batch.block_mask.shape == (B, 1, L, L)
+    T = tiny_model.tokens_per_image
+    checked = 0
+    for b in range(len(batch)):
+        row, mask = batch.input_ids[b], batch.block_mask[b, 0]
+        starts = (row == ids.latent_start).nonzero().flatten().tolist()
+        ends = (row == ids.latent_end).nonzero().flatten().tolist()
+        question = (row == ids.image).nonzero().flatten()[:T]
+        last = int(batch.attention_mask[b].sum()) - 1
+        assert mask[last, question].all()  # the question image stays visible to the end
+        for s, e in zip(starts, ends):
+            img = torch.arange(s - T, s)
+            assert (row[img] == ids.image).all()  # the aux image sits right before its block
+            assert mask[s:e][:, img].all()  # the block's start and slots see it
+            assert not mask[e:, img].any()  # <|latent_end|> and everything after do not
+            checked += 1
+    assert checked >= len(batch) * 3  # every synthetic sample has at least 3 blocks
+
+
+def test_latent_forward_honours_the_block_mask(tiny_model, synth_dir):
+    """The cached loop with the 4D mask equals a full recompute; and the mask changes the result."""
+    from mmlatent.model.latent_loop import reference_latent_forward
+
+    batch = batches(tiny_model, synth_dir, "stage2")[0]
+    with torch.no_grad():
+        fast = latent_forward(tiny_model, batch.input_ids, batch.block_mask, batch.position_ids, batch.pixel_values)
+        ref = reference_latent_forward(tiny_model, batch.input_ids, batch.block_mask, batch.position_ids, batch.pixel_values)
+        plain = latent_forward(tiny_model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.pixel_values)
+    real = batch.attention_mask.bool()
+    assert (fast.logits - ref.logits)[real].abs().max() < 1e-4
+    assert (fast.logits - plain.logits)[real].abs().max() > 1e-3
+
+
+def test_alignment_gradient_reaches_weights_only_through_latent_vectors(synth_dir):
+    from mmlatent.model.latent_vlm import LatentVLM
+    from mmlatent.model.presets import preset
+
+    torch.manual_seed(0)
+    model = LatentVLM(preset("tiny")).train()
+    batch = batches(model, synth_dir, "stage2", n=2)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    fwd = latent_forward(model, batch.input_ids, batch.block_mask, batch.position_ids, batch.pixel_values)
+    positions = target_positions(model, batch.input_ids, "observation")
+    g = torch.Generator().manual_seed(1)
+    teacher = [torch.randn(s.shape, generator=g) for s in gather_states(
+        model.backbone.forward_lm(fwd.inputs_embeds, batch.block_mask, batch.position_ids, output_hidden_states=True).hidden_states,
+        positions)]
+    align = latent_only_alignment(model, batch, fwd, positions, teacher)
+    ours = torch.autograd.grad(align, params, retain_graph=True, allow_unused=True)
+
+    # independently: the alignment computed by a frozen copy of the LM, fed the (graph-attached) latent vectors
+    frozen = copy.deepcopy(model.backbone).requires_grad_(False)
+    x = fwd.inputs_embeds.detach().masked_scatter(fwd.latent_mask[..., None], fwd.latent_vectors)
+    out = frozen.forward_lm(x, batch.block_mask, batch.position_ids, output_hidden_states=True)
+    via_latents = cosine_alignment(torch.cat(gather_states(out.hidden_states, positions), 1), torch.cat(teacher, 1))
+    expected = torch.autograd.grad(via_latents, params, retain_graph=True, allow_unused=True)
+    torch.testing.assert_close(align.detach(), via_latents.detach())
+    nonzero = 0
+    for name_p, a, e in zip([n for n, p in model.named_parameters() if p.requires_grad], ours, expected):
+        a = torch.zeros_like(e) if a is None and e is not None else a
+        e = torch.zeros_like(a) if e is None and a is not None else e
+        if a is None:
+            continue
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6, msg=name_p)
+        nonzero += int(a.abs().sum() > 0)
+    assert nonzero > 10  # the latent chain reaches many weights
+
+    # and it is not the naive gradient, which also flows along the direct paths
+    full = latent_forward(model, batch.input_ids, batch.block_mask, batch.position_ids, batch.pixel_values, output_hidden_states=True)
+    naive = cosine_alignment(torch.cat(gather_states(full.hidden_states, positions), 1), torch.cat(teacher, 1))
+    lm_head = dict(model.named_parameters())["backbone.lm.model.norm.weight"]
+    (g_naive,) = torch.autograd.grad(naive, [lm_head])
+    (g_ours,) = torch.autograd.grad(align, [lm_head], allow_unused=True)
+    assert not torch.allclose(g_naive, torch.zeros_like(g_naive) if g_ours is None else g_ours)
+
+
+def test_teacher_cache_equals_the_online_teacher(tiny_model, synth_dir, tmp_path):
+    for stage_name, kind in (("stage2", "observation"), ("stage3", "latent")):
+        views = [b.teacher for b in batches(tiny_model, synth_dir, stage_name, n=8, teacher=True, split="val")]
+        n, skipped = write_teacher_cache(tiny_model, views, tmp_path / stage_name, kind, dtype=torch.float32)
+        assert n == 32 and not skipped
+        cache = TeacherCache(tmp_path / stage_name)
+        assert cache.kind == kind
+        online = teacher_states(tiny_model, views[1], kind)
+        cached = cache.states(views[1].keys)
+        assert all(torch.equal(a, b) for a, b in zip(online, cached))
+        assert all(a.shape[0] == tiny_model.backbone.num_layers and a.shape[1] > 0 for a in online)
+        with pytest.raises(KeyError, match="no states for sample key"):
+            cache.states(["nope"])
+
+
+def test_stage_needs_exactly_one_teacher_source():
+    with pytest.raises(ValueError, match="stage.teacher"):
+        LatentStage(StageConfig(name="stage2"))
+    assert isinstance(build_stage(StageConfig(name="stage3", align_weight=0.0)), LatentStage)
+
+
+def test_stage3_latent_only_layout_keeps_blocks_and_conclusion(tiny_model, synth_dir):
+    ids = tiny_model.ids
+    stage = build_stage(StageConfig(name="stage3", align_weight=0.0, reasoning="latent_only"))
+    proc = Processor.for_model(tiny_model, stage.layout(tiny_model.cfg.latent.slots))
+    full = batches(tiny_model, synth_dir, "stage3", n=1)[0]
+    urls = sorted(str(p) for p in (synth_dir / "train").glob("*.tar"))
+    lean = next(iter(ShardStream(urls, proc, partial(collate, pad_id=proc.ids.pad, latent_start_id=proc.ids.latent_start), 1,
+                                 shuffle_buffer=0, loop=False)))
+    assert lean.keys == full.keys
+    n_blocks = int((full.input_ids == ids.latent_start).sum())
+    assert int((lean.input_ids == ids.latent_start).sum()) == n_blocks
+    assert not (lean.input_ids == ids.image).sum() > tiny_model.tokens_per_image  # only the question image
+    assert not (lean.input_ids == ids.observation_open).any()
+    text = tiny_model.tokenizer.decode(lean.input_ids[0, lean.prompt_lengths[0]:])
+    assert text.rstrip().endswith(f"The answer is {lean.answers[0]}.<|im_end|>") or f"The answer is {lean.answers[0]}." in text
+    assert lean.attention_mask.sum() < full.attention_mask.sum()

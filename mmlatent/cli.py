@@ -27,8 +27,9 @@ commands:
   test       run the test loop on a checkpoint
   predict    generate answers for the validation shards
   data       write shards: `mmlatent data synth --out DIR --train N --val M`
+  teacher    precompute a distillation stage's teacher states (`--stage stage2|stage3`)
   eval       score a model on MMMU / ScienceQA (arrives with the evaluation issue)
-  export     write a Hub-ready folder from a checkpoint (arrives with the export issue)
+  export     write a Hub-ready folder from a checkpoint: mmlatent export CKPT OUT_DIR [--push-to-hub REPO]
 
 Run `mmlatent COMMAND --help` for a command's options.
 """
@@ -70,7 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         from mmlatent.data.command import main as data_main
 
         return data_main(rest)
-    if command in ("eval", "export"):
+    if command == "teacher":
+        from mmlatent.training.teacher import main as teacher_main
+
+        teacher_main(rest)
+        return 0
+    if command == "export":
+        from mmlatent.hub.export import main as export_main
+
+        return export_main(rest)
+    if command in ("eval",):
         print(f"mmlatent {command}: not available in this version yet", file=sys.stderr)
         return 2
     print(f"mmlatent: unknown command {command!r}\n\n{HELP}", file=sys.stderr)

@@ -88,3 +88,31 @@ def test_fit_counts_damaged_shards_then_predict_writes_answers(tmp_path, monkeyp
     main(["predict", *common, "--ckpt_path=runs/tiny/stage1/checkpoints/last.ckpt", "--model.generation.max_new_tokens=8"])
     lines = [json.loads(x) for x in open(tmp_path / "runs/tiny/stage1/predictions/predictions.rank0.jsonl")]
     assert len(lines) == 16 and {"key", "response", "answer"} <= set(lines[0])
+
+
+@pytest.mark.slow
+def test_three_stages_hand_off_through_the_cli(tmp_path, monkeypatch):
+    """Stage 1 -> stage 2 (online teacher) -> stage 3 (teacher cache written by `mmlatent teacher`), a few steps each."""
+    from mmlatent.cli import main
+    from mmlatent.data.synthetic import SynthConfig, synthesize
+
+    synthesize(tmp_path / "synth", SynthConfig(), train=16, val=8, seed=3, samples_per_shard=4, progress=False)
+    monkeypatch.chdir(tmp_path)
+    common = ["--data.train.shards=synth/train", "--data.val.shards=synth/val", "--data.batch_size=4",
+              "--data.num_workers=1", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
+              "--trainer.enable_progress_bar=false"]
+    configs = REPO / "train" / "configs" / "tiny"
+    main(["fit", "-c", str(configs / "stage1.yaml"), *common])
+    main(["fit", "-c", str(configs / "stage2.yaml"), *common])
+    main(["teacher", "--stage", "stage3", "--checkpoint", "runs/tiny/stage2/checkpoints/last.ckpt",
+          "--shards", "synth/train", "synth/val", "--out", "runs/tiny/stage3/teacher", "--dtype", "float32"])
+    main(["fit", "-c", str(configs / "stage3.yaml"), *common,
+          "--model.stage.teacher.checkpoint=null", "--model.stage.teacher.cache=runs/tiny/stage3/teacher"])
+    for stage, terms in (("stage1", ["ce_loss"]), ("stage2", ["ce_loss", "align_loss", "sketch_loss"]),
+                         ("stage3", ["ce_loss", "align_loss", "sketch_loss"])):
+        rows = list(csv.DictReader(open(tmp_path / f"runs/tiny/{stage}/logs/version_0/metrics.csv")))
+        for term in terms:
+            values = [float(r[f"train/{term}"]) for r in rows if r.get(f"train/{term}")]
+            assert len(values) == 4 and all(v == v and v >= 0 for v in values), (stage, term, values)
+        assert any(r.get("val/loss") for r in rows), stage
+        assert (tmp_path / f"runs/tiny/{stage}/checkpoints/last.ckpt").exists()

@@ -158,3 +158,38 @@ def test_stage3_latent_only_layout_keeps_blocks_and_conclusion(tiny_model, synth
     text = tiny_model.tokenizer.decode(lean.input_ids[0, lean.prompt_lengths[0]:])
     assert text.rstrip().endswith(f"The answer is {lean.answers[0]}.<|im_end|>") or f"The answer is {lean.answers[0]}." in text
     assert lean.attention_mask.sum() < full.attention_mask.sum()
+
+
+def test_stage_hand_off_loads_weights_and_freezes_modules(tmp_path):
+    from mmlatent.training.module import LatentVLMModule
+    from mmlatent.training.optim import ModuleLR, OptimConfig
+
+    torch.manual_seed(0)
+    stage1 = LatentVLMModule()
+    with torch.no_grad():
+        for p in stage1.parameters():
+            p.add_(0.01)  # "trained": differs from any fresh init
+    ckpt = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": stage1.state_dict(), "hyper_parameters": dict(stage1.hparams)}, ckpt)
+
+    optim = OptimConfig(lr_scale=[ModuleLR("backbone.vision", 0.0), ModuleLR("backbone.projector", 0.5)])
+    torch.manual_seed(1)
+    stage2 = LatentVLMModule(stage=StageConfig(name="stage3", align_weight=0.0), optim=optim, init_from=str(ckpt))
+    for (name, a), b in zip(stage1.state_dict().items(), stage2.state_dict().values()):
+        assert torch.equal(a, b), name
+    opt = stage2.configure_optimizers()["optimizer"]
+    frozen = {n for n, p in stage2.model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("backbone.vision") for n in frozen)
+    assert {n for n, _ in stage2.model.backbone.vision.named_parameters(prefix="backbone.vision")} == frozen
+    scales = {g["lr_scale"] for g in opt.param_groups}
+    assert scales == {0.5, 1.0}
+    in_groups = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) not in in_groups for p in stage2.model.backbone.vision.parameters())
+
+    # a checkpoint of another architecture is refused, naming the tensor
+    from mmlatent.model.presets import preset
+
+    wide = preset("tiny")
+    wide.lm.random_init.hidden_size = 64
+    with pytest.raises(ValueError, match="init_from .* has shape"):
+        LatentVLMModule(vlm=wide, init_from=str(ckpt))

@@ -1,6 +1,8 @@
-"""`mmlatent data ...`: write shards. `synth` generates the embedded synthetic reasoning set.
+"""`mmlatent data ...`: write shards. `synth` generates the embedded synthetic reasoning set; `convert NAME`
+turns a public corpus (Monet-SFT, Zebra-CoT, ScienceQA, MMMU) into shards of the same format.
 
-`convert` (Monet-SFT, Zebra-CoT, ScienceQA, MMMU) is reserved for the converters of a later issue.
+Each converter's options come from its typed config dataclass and the common `ConvertOptions`, flat on the
+command line (`--source`, `--image_format`, …), with the field docstrings as help.
 """
 
 from __future__ import annotations
@@ -11,6 +13,17 @@ import sys
 from jsonargparse import ArgumentParser
 
 from mmlatent.data.synthetic import SynthConfig, synthesize
+
+CONVERT_HELP = """usage: mmlatent data convert NAME --source PATH_OR_HUB_ID --out DIR [options]
+
+converters:
+  monet      Monet-SFT-125K JSON chats with image files (aux images, observation spans)
+  zebra_cot  Zebra-CoT parquet (interleaved reasoning images become aux images)
+  scienceqa  ScienceQA parquet (question image + context; lecture and solution as the chain of thought)
+  mmmu       MMMU parquet, dev split (interleaved question images; explanation as the chain of thought)
+
+An interrupted conversion resumes where it stopped when run again with the same options.
+Run `mmlatent data convert NAME --help` for a converter's options."""
 
 
 def synth_parser() -> ArgumentParser:
@@ -25,12 +38,57 @@ def synth_parser() -> ArgumentParser:
     return p
 
 
+def convert_parser(name: str) -> ArgumentParser:
+    from mmlatent.data.convert import CONVERTERS, ConvertOptions
+
+    converter = CONVERTERS[name]
+    doc = (sys.modules[converter.__module__].__doc__ or "").strip().split("\n\n")[0]
+    p = ArgumentParser(prog=f"mmlatent data convert {name}", description=doc or None)
+    p.add_argument("--out", type=str, required=True, help="Output folder (shard-*.tar and manifest.json).")
+    p.add_class_arguments(converter.config_class, None)
+    p.add_class_arguments(ConvertOptions, None)
+    return p
+
+
+def convert_main(argv: list[str]) -> int:
+    from dataclasses import fields
+
+    from mmlatent.data.convert import CONVERTERS, ConvertOptions, run_conversion
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(CONVERT_HELP)
+        return 0
+    name = argv[0]
+    if name not in CONVERTERS:
+        print(f"mmlatent data convert: unknown converter {name!r}; choose from {sorted(CONVERTERS)}", file=sys.stderr)
+        return 2
+    args = convert_parser(name).parse_args(argv[1:])
+    converter = CONVERTERS[name]
+    cfg = converter.config_class(**{f.name: args[f.name] for f in fields(converter.config_class)})
+    try:
+        options = ConvertOptions(**{f.name: args[f.name] for f in fields(ConvertOptions)})
+    except ValueError as err:
+        print(f"mmlatent data convert {name}: {err}", file=sys.stderr)
+        return 2
+    try:
+        manifest = run_conversion(converter(cfg), args.out, options)
+    except (ValueError, FileNotFoundError) as err:  # a bad source or option: say which, without a traceback
+        print(f"mmlatent data convert {name}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, "written": manifest["written"], "skipped": manifest["skipped"],
+                      "shards": len(manifest["shards"]), "records": manifest["records"]}))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: mmlatent data {synth,convert} [options]\n\n"
               "  synth    write the synthetic reasoning set: mmlatent data synth --out DIR --train N --val M\n"
-              "  convert  convert Monet-SFT / Zebra-CoT / ScienceQA / MMMU (arrives with the converters issue)")
+              "  convert  convert a corpus to shards: mmlatent data convert {monet,zebra_cot,scienceqa,mmmu} "
+              "--source PATH_OR_ID --out DIR")
         return 0
+    if argv[0] == "convert":
+        return convert_main(argv[1:])
     if argv[0] == "synth":
         args = synth_parser().parse_args(argv[1:])
         cfg = synth_parser().instantiate_classes(args).generator

@@ -28,7 +28,8 @@ def panels(results: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]
 def _draw(ax, title: str, groups: dict[str, dict[str, Any]]) -> None:
     labels = list(groups)
     values = [100 * g["acc"] if g["acc"] is not None else 0.0 for g in groups.values()]
-    bars = ax.barh(range(len(labels)), values, color="#4C72B0")
+    colours = ["#DD8452" if label in ("Overall", "Avg") else "#4C72B0" for label in labels]  # the headline stands out
+    bars = ax.barh(range(len(labels)), values, color=colours)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 110)

@@ -4,10 +4,11 @@
         [--limit N] [--batch-size B] [--latent | --no-latent]
     mmlatent eval --task mmmu --data DIR --split validation --responses R.jsonl --output OUT
 
-`--model` takes a Lightning checkpoint (`.ckpt`, loaded with `weights_only=True`) or an exported folder
-or Hub id (`mmlatent.model.pretrained.load_pretrained`). The last line printed is a JSON summary. Plain
-argparse keeps this command independent of the Lightning CLI; the trade-off is that its options are
-listed here rather than derived from the config dataclass (`EvalConfig` still holds their meaning).
+`--model` takes a Lightning checkpoint (`.ckpt`, read by `training.checkpoint_io` with `weights_only=True`)
+or an exported folder or Hub id (`mmlatent.model.pretrained.load_pretrained`). The last line printed is a
+JSON summary. Plain argparse keeps this command independent of the Lightning CLI; the trade-off is that
+its options are listed here rather than derived from the config dataclass (`EvalConfig` still holds
+their meaning).
 """
 
 from __future__ import annotations
@@ -23,21 +24,20 @@ from mmlatent.evaluation.tasks import TASKS, load_eval_data
 from mmlatent.model.latent_vlm import LatentVLM
 
 
-def load_model(path: str, device: str = "cpu") -> LatentVLM:
-    """A `LatentVLM` from a Lightning `.ckpt` or from an exported folder / Hub id, in eval mode on `device`."""
+def load_model(path: str, device: str = "cpu", revision: str | None = None) -> LatentVLM:
+    """A `LatentVLM` from a Lightning `.ckpt` (read with `weights_only=True`) or from an exported folder or
+    Hub id (`load_pretrained`), in eval mode on `device`."""
     p = Path(path)
     if p.suffix == ".ckpt":
-        if not p.is_file():
-            raise ValueError(f"--model {path!r}: no such checkpoint file")
-        from mmlatent.training.module import LatentVLMModule
+        from mmlatent.training.checkpoint_io import load_model as load_checkpoint_model
 
-        model = LatentVLMModule.load_from_checkpoint(str(p), map_location="cpu", weights_only=True).model
+        model = load_checkpoint_model(p)
     elif p.is_dir() and not (p / "config.json").is_file():
         raise ValueError(f"--model {path!r}: a folder without config.json is not an exported model")
     else:
         from mmlatent.model.pretrained import load_pretrained
 
-        model = load_pretrained(path)
+        model = load_pretrained(path, revision=revision)
     return model.to(device).eval()
 
 
@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
                    help="Most generated positions per question (text tokens and latent steps).")
     p.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
     p.add_argument("--revision", default=None, help="Hub revision of --data.")
+    p.add_argument("--model-revision", default=None, help="Hub revision of --model (a Hub model id).")
     p.add_argument("--cache-dir", default=None, help="datasets cache folder (default: the HF cache).")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return p
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> None:
             results = rescore(data, args.responses, args.output)
         else:
             device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(args.model, device)
+            model = load_model(args.model, device, args.model_revision)
             cfg = EvalConfig(
                 batch_size=args.batch_size, latent=args.latent, max_new_tokens=args.max_new_tokens,
                 progress=not args.no_progress,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, set_parsing_settings
 
 from mmlatent.hub.model_card import BenchmarkResult, CardInfo, build_model_card, read_results
 from mmlatent.model.pretrained import (
@@ -123,6 +123,7 @@ def export_checkpoint(
 
 
 def parser() -> ArgumentParser:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # CardInfo's field docstrings -> --help
     p = ArgumentParser(
         prog="mmlatent export",
         description="Write a Hub-ready folder (safetensors, tokenizer, configs, model card) from a checkpoint.",

@@ -178,7 +178,6 @@ def card_data(
             metric_type="accuracy",
             metric_name="Accuracy",
             metric_value=r.accuracy,
-            source_name="mmlatent eval",
         )
         for r in results
     ]
@@ -226,7 +225,7 @@ def card_body(
 ) -> str:
     """The card's Markdown body."""
     name = info.model_name or "mmlatent-model"
-    source = repo_or_dir or name
+    source = repo_or_dir or f"path/to/{name}"
     lines = [
         f"# {name}",
         "",

@@ -143,5 +143,30 @@ class LatentVLM(nn.Module):
             embeds, attention_mask, position_ids, output_hidden_states=output_hidden_states
         )
 
+    @classmethod
+    def from_pretrained(cls, dir_or_hub_id: str, revision: str | None = None, token: str | None = None) -> "LatentVLM":
+        """Load a folder written by `save_pretrained` / `mmlatent export`, or a Hub id (safetensors only)."""
+        from mmlatent.model.pretrained import load_pretrained
+
+        return load_pretrained(dir_or_hub_id, revision=revision, token=token)
+
+    def save_pretrained(self, out_dir: str, max_shard_size: int | str = "5GB", generation=None, overwrite: bool = False):
+        """Write this model as a Hub-ready folder (atomic; sharded safetensors past `max_shard_size`)."""
+        from mmlatent.model.pretrained import save_pretrained
+
+        return save_pretrained(self, out_dir, max_shard_size=max_shard_size, generation=generation, overwrite=overwrite)
+
+    def push_to_hub(
+        self, repo_id: str, private: bool = False, revision: str | None = None, token: str | None = None,
+        max_shard_size: int | str = "5GB", generation=None, commit_message: str | None = None,
+    ):
+        """Save with a model card and upload to `repo_id` (token: argument, HF_TOKEN or the login cache)."""
+        from mmlatent.model.pretrained import push_model_to_hub
+
+        return push_model_to_hub(
+            self, repo_id, private=private, revision=revision, token=token,
+            max_shard_size=max_shard_size, generation=generation, commit_message=commit_message,
+        )
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -55,12 +55,15 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file
 from torch import Tensor
+from transformers import PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
 
 from mmlatent.config_io import from_dict, to_dict
 from mmlatent.model.backbone import ComposedBackbone
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig
 from mmlatent.model.latent_vlm import LatentVLM
+from mmlatent.model.vision_tower import NAME_SCHEMES
 
 FORMAT_VERSION = 1
 """Version of the folder layout; bump on incompatible changes (the loader refuses newer versions)."""
@@ -113,7 +116,7 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        _publish_modes(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
@@ -123,6 +126,13 @@ def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish_modes(folder: Path) -> None:
+    """Folders 0755, files 0644 (mkdtemp and safetensors' own atomic writes create them owner-only)."""
+    os.chmod(folder, 0o755)
+    for path in folder.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
 
 def portable_config(cfg: ModelConfig) -> ModelConfig:
@@ -143,12 +153,12 @@ def _check_exportable(model: LatentVLM) -> None:
             f"{type(model.backbone).__name__}"
         )
     name = model.cfg.vision.name
-    if name.startswith("hf-hub:"):
-        # timm and open_clip read an `hf-hub:` tower's architecture from the Hub even at random init,
-        # so the folder could not be loaded offline.
+    if name.startswith(NAME_SCHEMES):
+        # timm and open_clip read an `hf-hub:` (or `local-dir:`) tower's architecture from that repo even at
+        # random init, so the folder could not be loaded offline or on another machine.
         raise ValueError(
-            f"vision.name={name!r}: an `hf-hub:` tower needs the Hub to rebuild its architecture; export a model "
-            f"whose vision.name is a timm or open_clip config name (with vision.pretrained a weights file)"
+            f"vision.name={name!r}: this tower needs {name.split(':')[0]} to rebuild its architecture; export a "
+            f"model whose vision.name is a timm or open_clip config name (with vision.pretrained a weights file)"
         )
 
 
@@ -196,6 +206,44 @@ def _clean_tokenizer_config(folder: Path) -> None:
         write_json(path, data)
 
 
+def save_state_dict(state: dict[str, Tensor], folder: Path, max_shard_size: int | str) -> None:
+    """`model.safetensors`, or shards and `model.safetensors.index.json`, with byte-stable content.
+
+    Keys are sorted before sharding (the shard a tensor lands in depends only on the names and sizes),
+    the per-file metadata is huggingface_hub's fixed `{"format": "pt"}`, and the index is rewritten as
+    stable JSON.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    ordered = {k: state[k].detach().cpu() for k in sorted(state)}
+    save_torch_state_dict(ordered, folder, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+    index = folder / WEIGHTS_INDEX_FILE
+    if index.exists():
+        write_json(index, read_json(index))  # huggingface_hub writes it without sorted keys or a final newline
+
+
+def save_lm(lm: PreTrainedModel, folder: Path, max_shard_size: int | str) -> None:
+    """The LM as a transformers folder `AutoModelForCausalLM.from_pretrained` reads: config and weights.
+
+    The weights go through `save_state_dict` rather than `lm.save_pretrained`, whose assignment of tensors to
+    shards is not reproducible between a built and a loaded model. Tied weights (the output head sharing
+    the input embeddings) are stored once, as transformers stores them, and re-tied on load.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(lm.config)  # as transformers' own save_pretrained: record dtype and class
+    config.dtype = str(lm.dtype).removeprefix("torch.")
+    config.architectures = [type(lm).__name__]
+    if lm.is_remote_code():  # trust_remote_code LMs: copy their modelling code beside the config
+        custom_object_save(lm, str(folder), config=config)
+    config.save_pretrained(str(folder))
+    if lm.can_generate() and lm.generation_config is not None:
+        lm.generation_config.save_pretrained(str(folder))
+    state = lm.state_dict()
+    for target, source in getattr(lm, "all_tied_weights_keys", {}).items():
+        if target in state and source in state and state[target].data_ptr() == state[source].data_ptr():
+            del state[target]
+    save_state_dict(state, folder, max_shard_size)
+
+
 def write_model_files(
     model: LatentVLM,
     folder: str | Path,
@@ -214,12 +262,9 @@ def write_model_files(
             "model": to_dict(portable_config(model.cfg)),
         },
     )
-    model.backbone.lm.save_pretrained(str(folder / LM_FOLDER), max_shard_size=max_shard_size)
-    rest = {k: v.detach().cpu() for k, v in sorted(model.state_dict().items()) if not k.startswith(LM_PREFIX)}
-    save_torch_state_dict(rest, folder, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
-    index = folder / WEIGHTS_INDEX_FILE
-    if index.exists():
-        write_json(index, read_json(index))  # huggingface_hub writes it unsorted and without a final newline
+    save_lm(model.backbone.lm, folder / LM_FOLDER, max_shard_size)
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(LM_PREFIX)}
+    save_state_dict(rest, folder, max_shard_size)
     model.tokenizer.save_pretrained(str(folder))
     _clean_tokenizer_config(folder)
     write_json(folder / IMAGE_PROCESSOR_FILE, image_processor_config(model))
@@ -364,8 +409,8 @@ def load_pretrained(dir_or_hub_id: str | Path, revision: str | None = None, toke
     folder = resolve_folder(dir_or_hub_id, revision=revision, token=token)
     model = LatentVLM(loading_config(read_config(folder), folder))
     state = read_weights(folder)
-    expected = {k for k in model.state_dict() if not k.startswith(LM_PREFIX)}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(LM_PREFIX)}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{folder}: weights do not match the model built from {CONFIG_FILE}: "
@@ -373,15 +418,18 @@ def load_pretrained(dir_or_hub_id: str | Path, revision: str | None = None, toke
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
     for key, value in state.items():
-        if value.shape != model.state_dict()[key].shape:
-            raise ValueError(f"{folder}: {key} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(model.state_dict()[key].shape)}")
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{folder}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
     # assign=True keeps the stored dtypes (a bf16 save stays bf16); requires_grad stays the module's
     model.load_state_dict(state, strict=False, assign=True)
     return model.eval()
 
 
-def load_generation_config(dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> GenerationConfig:
+def load_generation_config(
+    dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None
+) -> GenerationConfig:
     """The folder's `generation_config.json` as a `GenerationConfig` (the defaults when there is none)."""
     path = resolve_folder(dir_or_hub_id, revision=revision, token=token) / GENERATION_FILE
     return from_dict(GenerationConfig, read_json(path), path="generation") if path.exists() else GenerationConfig()
@@ -441,7 +489,9 @@ def push_to_hub(
             raise HubAccessError(f"cannot push to {repo_id}: the token has no write access (403). ({err})") from err
         raise HubAccessError(f"cannot push to {repo_id}: {err}") from err
     except _transport_errors() as err:
-        raise HubAccessError(f"cannot push to {repo_id}: the Hugging Face Hub is unreachable (no network?): {err}") from err
+        raise HubAccessError(
+            f"cannot push to {repo_id}: the Hugging Face Hub is unreachable (no network?): {err}"
+        ) from err
 
 
 def push_model_to_hub(

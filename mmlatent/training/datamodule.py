@@ -20,6 +20,7 @@ import lightning as L
 from braceexpand import braceexpand
 
 from mmlatent.data.batch import collate
+from mmlatent.data.mixture import MixtureConfig, mixture_loader
 from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor, ProcessorConfig
 
@@ -77,6 +78,7 @@ class ShardDataModule(L.LightningDataModule):
         resampled: bool = False,
         seed: int = 0,
         processor: ProcessorConfig = ProcessorConfig(),
+        mixture: MixtureConfig | None = None,
     ):
         """
         Args:
@@ -89,6 +91,8 @@ class ShardDataModule(L.LightningDataModule):
                 large corpora) instead of looping over them in reshuffled passes.
             seed: Seed of shard and sample shuffling.
             processor: Sequence-length limit and the policy for longer samples.
+            mixture: Train on several shard sets drawn by weight (e.g. Monet's six subsets) instead of
+                `train`; each set's shards are drawn with replacement. None: train on `train`.
         """
         super().__init__()
         self.train_cfg = train
@@ -99,6 +103,7 @@ class ShardDataModule(L.LightningDataModule):
         self.resampled = resampled
         self.seed = seed
         self.processor_cfg = processor
+        self.mixture = mixture
         self._processor: Processor | None = None
         self._eval_processor: Processor | None = None
         if batch_size < 1:
@@ -156,6 +161,12 @@ class ShardDataModule(L.LightningDataModule):
         return EpochLoader(stream, batches, num_workers)
 
     def train_dataloader(self) -> EpochLoader:
+        if self.mixture is not None:
+            return mixture_loader(
+                self.mixture, self._processor, batch_size=self.batch_size, num_workers=self.num_workers,
+                world_size=self.world_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+                expand=expand_shards, count=manifest_count,
+            )
         return self._loader(self.train_cfg, "train", train=True)
 
     def _eval_split(self) -> tuple[SplitConfig, str]:

@@ -129,6 +129,6 @@ class LatentVLMModule(L.LightningModule):
             log.warning("epoch %d: skipped %d samples by reason %s", self.current_epoch, total, dict(self.skipped))
 
     def configure_optimizers(self):
-        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1000
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1000
         opt, sched = build_optimizer(self.model, self.optim_cfg, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

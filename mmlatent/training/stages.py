@@ -126,13 +126,15 @@ def latent_only_alignment(model: LatentVLM, batch: Batch, fwd: LatentForward, po
     The direct paths from θ to the observation states carry none. Costs one extra forward and a backward
     to the inputs.
     """
-    v = fwd.latent_vectors.detach().requires_grad_(True)  # (n_slots, D)
+    v = fwd.latent_vectors.detach().requires_grad_(torch.is_grad_enabled())  # (n_slots, D)
     embeds = fwd.inputs_embeds.detach().masked_scatter(fwd.latent_mask[..., None], v)  # (B, L, D)
     out = model.backbone.forward_lm(
         embeds, batch.lm_attention_mask, batch.position_ids, output_hidden_states=True, logits=False
     )
     student, target = _paired(gather_states(out.hidden_states, positions), teacher, batch.keys)
     align = cosine_alignment(student, target)
+    if not torch.is_grad_enabled():  # validation: the value is all there is
+        return align
     (g,) = torch.autograd.grad(align, v, allow_unused=True)
     g = torch.zeros_like(v) if g is None else g
     surrogate = (fwd.latent_vectors * g.detach()).sum()

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--checkpoint", required=True, help="the teacher: stage 1's checkpoint for stage 2, stage 2's for stage 3")
     ap.add_argument("--stage", required=True, choices=["stage2", "stage3"], help="the stage that will read the cache")
-    ap.add_argument("--shards", required=True, help="shard folder, glob or brace list (the training shards of that stage)")
+    ap.add_argument("--shards", required=True, nargs="+", help="shard folders or brace patterns: every split the stage reads (train and val)")
     ap.add_argument("--out", required=True, help="cache folder to write")
     ap.add_argument("--batch-size", type=int, default=16, help="samples per teacher forward")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="storage dtype")
@@ -163,13 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     stage = build_stage(StageConfig(name=args.stage, align_weight=0.0))  # layouts only
     layout = stage.teacher_layout(model.cfg.latent.slots)
     processor = Processor.for_model(model, layout)
-    urls = expand_shards(args.shards, "--shards")
+    urls = [u for spec in args.shards for u in expand_shards(spec, "--shards")]
+    counts = [manifest_count(spec) for spec in args.shards]
+    total = None if None in counts else sum(counts)
     stream = ShardStream(
         urls, processor, partial(collate, pad_id=processor.ids.pad, latent_start_id=processor.ids.latent_start),
         args.batch_size, shuffle_buffer=0, loop=False, partial_batches=True,
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(args.workers, len(urls)))
     n, skipped = write_teacher_cache(
-        model, loader, args.out, stage.teacher_positions, getattr(torch, args.dtype), manifest_count(args.shards)
+        model, loader, args.out, stage.teacher_positions, getattr(torch, args.dtype), total
     )
     print(json.dumps({"cached": n, "skipped": dict(skipped), "out": args.out, "positions": stage.teacher_positions}))

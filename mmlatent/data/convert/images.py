@@ -12,7 +12,8 @@ The trade-off: an image already in the target format, small enough, in RGB or gr
 EXIF rotation is written with its original bytes. That saves the encode (the dominant cost for PNG) and
 avoids a second lossy JPEG generation, at the price of keeping whatever metadata chunks the source had.
 Large JPEGs are decoded at a reduced scale (`Image.draft`), which is several times faster than a full
-decode followed by a downscale and just as deterministic.
+decode followed by a downscale and just as deterministic. Images over PIL's decompression-bomb limit
+(about 89 M pixels) are skipped as `bad_image` rather than risking a worker's memory.
 """
 
 from __future__ import annotations

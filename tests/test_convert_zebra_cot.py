@@ -1,0 +1,217 @@
+"""Zebra-CoT parquet (HF Image structs) to shards: placement of problem and reasoning images, skips by
+reason, a clear error for a missing text column, resumption to identical bytes, parallel workers giving
+the same bytes, and a few stage-1 steps of the tiny model on the result."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmlatent.data.convert import ConvertOptions, ZebraCoTConfig, convert
+from mmlatent.data.convert.zebra_cot import ZebraCoTConverter
+
+TEXT_COLUMNS = ("Question", "Text Reasoning Trace", "Final Answer")
+
+
+def png(seed: int, size=(32, 24)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def struct(seed: int, size=(32, 24)) -> dict:
+    return {"bytes": png(seed, size), "path": None}
+
+
+def P(n: int) -> str:
+    return f"<image_start>[problem_image_{n}]<image_end>"
+
+
+def R(n: int) -> str:
+    return f"<image_start>[reasoning_image_{n}]<image_end>"
+
+
+def write_zebra(path: Path, rows: list[dict], image_columns: list[str], text_columns=TEXT_COLUMNS) -> None:
+    """A parquet file as the Hub has it: text columns and HF Image columns, with `datasets`' schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Features, Image as HFImage, Value
+
+    features = Features({**{c: Value("string") for c in text_columns}, **{c: HFImage() for c in image_columns}})
+    data = {c: [r.get(c) for r in rows] for c in [*text_columns, *image_columns]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pydict(data, schema=features.arrow_schema), path)
+
+
+def row(question: str, trace: str, answer: str = "B", **images) -> dict:
+    return {"Question": question, "Text Reasoning Trace": trace, "Final Answer": answer, **images}
+
+
+def good_rows(n: int, offset: int = 0) -> list[dict]:
+    return [row(f"{P(1)} Puzzle {offset + i}: which way?",
+                f"THOUGHT 0: sketch it. {R(1)} THOUGHT 1: <observation>left</observation> then {R(2)} done.",
+                "ABCD"[i % 4], problem_image_1=struct(offset + 3 * i), reasoning_image_1=struct(offset + 3 * i + 1),
+                reasoning_image_2=struct(offset + 3 * i + 2))
+            for i in range(n)]
+
+
+@pytest.fixture()
+def zebra_root(tmp_path) -> Path:
+    root = tmp_path / "Zebra-CoT"
+    cols = ["problem_image_1", "reasoning_image_1", "reasoning_image_2"]
+    rows = [
+        *good_rows(2),
+        row("No picture here.", f"THOUGHT 0: {R(1)} so C.", "C", reasoning_image_1=struct(50)),
+        row(f"{P(1)} big", f"{R(1)} and {P(1)} again", "D", problem_image_1=struct(51, (300, 200)), reasoning_image_1=struct(52)),
+        row("q", f"{R(1)} {R(2)}", reasoning_image_1=struct(53)),                       # reasoning_image_2 empty
+        row("q", f"THOUGHT 0: {R(3)}", reasoning_image_1=struct(54)),                   # no such column
+        row("q", f"{R(1)} x", reasoning_image_1={"bytes": b"not an image", "path": None}),
+        row("q", f"<observation>opened {R(1)} never closed", reasoning_image_1=struct(55)),
+        row("q", f"{R(1)} x", reasoning_image_1={"bytes": None, "path": "images/gone.png"}),
+    ]
+    write_zebra(root / "Scientific Reasoning - Physics" / "train-00000-of-00001.parquet", rows, cols)
+    # another category with other image columns (files are read one at a time)
+    other = [row(f"{P(1)} {P(2)} Which piece fits?", f"{R(1)} It is the second.", "2",
+                 problem_image_1=struct(60), problem_image_2=struct(61), reasoning_image_1=struct(62))]
+    write_zebra(root / "2D Visual Reasoning - Visual Jigsaw" / "train-00000-of-00001.parquet", other,
+                ["problem_image_1", "problem_image_2", "reasoning_image_1"])
+    return root
+
+
+def read_samples(out: Path) -> dict[str, dict]:
+    samples: dict[str, dict] = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers():
+                key, _, suffix = m.name.partition(".")
+                data = tf.extractfile(m).read()
+                samples.setdefault(key, {})[suffix] = json.loads(data) if suffix == "json" else data
+    return samples
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
+
+
+def opts(**kw) -> ConvertOptions:
+    return ConvertOptions(**{"max_image_size": 64, "samples_per_shard": 2, "workers": 0, "progress": False, **kw})
+
+
+def test_images_land_where_the_text_names_them_and_bad_rows_are_counted(zebra_root, tmp_path):
+    out = tmp_path / "shards"
+    manifest = convert("zebra_cot", ZebraCoTConfig(source=str(zebra_root)), str(out), opts())
+    assert manifest["skipped"] == {"bad_image": 1, "missing_column": 1, "missing_image": 1,
+                                   "missing_image_file": 1, "unbalanced_observation": 1}
+    assert manifest["written"] == 5 and manifest["records"] == 10 and len(manifest["shards"]) == 3
+    assert json.loads((out / "manifest.json").read_text())["written"] == 5
+    assert not list(out.glob("*.tmp")) and not (out / ".staging").exists() and not (out / ".convert_state.json").exists()
+
+    samples = read_samples(out)
+    # files in sorted order: the jigsaw category (1 row) first, then physics (rows 0..8)
+    assert list(samples) == ["zebra_cot-000000000", "zebra_cot-000000001", "zebra_cot-000000002",
+                             "zebra_cot-000000003", "zebra_cot-000000004"]
+    jigsaw = samples["zebra_cot-000000000"]["json"]
+    assert [it["type"] for it in jigsaw["messages"][0]["content"]] == ["image", "image", "text"]
+    assert jigsaw["meta"]["category"] == "2D Visual Reasoning - Visual Jigsaw"
+
+    first = samples["zebra_cot-000000001"]
+    meta = first["json"]
+    assert meta["source"] == "zebra_cot" and meta["answer"] == "A"
+    assert meta["messages"][0]["content"] == [{"type": "image", "ref": "img0"},
+                                              {"type": "text", "text": "Puzzle 0: which way?"}]
+    assert meta["messages"][1]["content"] == [
+        {"type": "text", "text": "THOUGHT 0: sketch it."}, {"type": "aux_image", "ref": "aux0"},
+        {"type": "text", "text": "THOUGHT 1: <observation>left</observation> then"}, {"type": "aux_image", "ref": "aux1"},
+        {"type": "text", "text": "done."}, {"type": "text", "text": "The answer is A."},
+    ]
+    assert sorted(first) == ["aux0.jpeg", "aux1.jpeg", "img0.jpeg", "json"]
+    assert Image.open(io.BytesIO(first["aux0.jpeg"])).format == "JPEG"
+
+    big = samples["zebra_cot-000000004"]
+    assert Image.open(io.BytesIO(big["img0.jpeg"])).size == (64, 43)  # 300×200 shrunk to max_image_size
+    # the problem image named again in the trace is not shown twice
+    assert [it["type"] for it in big["json"]["messages"][1]["content"]] == ["aux_image", "text", "text", "text"]
+
+
+def test_a_file_without_a_text_column_is_an_error_naming_it(tmp_path):
+    write_zebra(tmp_path / "z" / "a.parquet", [{"Question": "q", "Text Reasoning Trace": "t"}], [],
+                text_columns=("Question", "Text Reasoning Trace"))
+    with pytest.raises(ValueError, match="'Final Answer'"):
+        convert("zebra_cot", ZebraCoTConfig(source=str(tmp_path / "z")), str(tmp_path / "out"), opts())
+
+
+def test_interrupted_conversion_resumes_to_the_same_shards(zebra_root, tmp_path, monkeypatch):
+    cfg = ZebraCoTConfig(source=str(zebra_root))
+    whole = convert("zebra_cot", cfg, str(tmp_path / "whole"), opts())
+
+    calls: list[str] = []
+    original = ZebraCoTConverter.convert
+
+    def crash_at_record_6(self, record, key):
+        calls.append(key)
+        if key.endswith("000000006"):
+            raise KeyboardInterrupt  # Ctrl-C in the middle of shard 2
+        return original(self, record, key)
+
+    monkeypatch.setattr(ZebraCoTConverter, "convert", crash_at_record_6)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        convert("zebra_cot", cfg, str(part), opts())
+    assert sorted(p.name for p in part.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert not (part / "manifest.json").exists() and (part / ".convert_state.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(ZebraCoTConverter, "convert", lambda self, record, key: (calls.append(key), original(self, record, key))[1])
+    resumed = convert("zebra_cot", cfg, str(part), opts())
+    assert calls[0] == "zebra_cot-000000004"  # records 0-3 (the two finished shards) were not converted again
+    assert digest(part) == digest(tmp_path / "whole")
+    for field in ("written", "skipped", "records", "shards"):
+        assert resumed[field] == whole[field], field
+    calls.clear()
+    assert convert("zebra_cot", cfg, str(part), opts())["written"] == 5 and calls == []  # complete: nothing to do
+    with pytest.raises(ValueError, match="samples_per_shard: 2 -> 3"):
+        convert("zebra_cot", cfg, str(part), opts(samples_per_shard=3))
+    assert convert("zebra_cot", cfg, str(part), opts(samples_per_shard=3, overwrite=True))["shards"] == \
+        ["shard-000000.tar", "shard-000001.tar"]
+
+
+def test_two_worker_processes_write_the_same_bytes(zebra_root, tmp_path):
+    cfg = ZebraCoTConfig(source=str(zebra_root))
+    serial = convert("zebra_cot", cfg, str(tmp_path / "serial"), opts())
+    parallel = convert("zebra_cot", cfg, str(tmp_path / "parallel"), opts(workers=2))
+    assert digest(tmp_path / "serial") == digest(tmp_path / "parallel") and len(digest(tmp_path / "serial")) == 3
+    assert serial["skipped"] == parallel["skipped"]
+
+
+@pytest.mark.slow
+def test_converted_samples_train_a_few_stage1_steps(tmp_path):
+    import lightning as L
+    import torch
+
+    from mmlatent.training.datamodule import ShardDataModule, SplitConfig
+    from mmlatent.training.module import LatentVLMModule
+
+    write_zebra(tmp_path / "z" / "train.parquet", good_rows(6), ["problem_image_1", "reasoning_image_1", "reasoning_image_2"])
+    out = tmp_path / "shards"
+    assert convert("zebra_cot", ZebraCoTConfig(source=str(tmp_path / "z")), str(out), opts(samples_per_shard=3))["written"] == 6
+    torch.manual_seed(0)
+    module = LatentVLMModule()
+    before = [p.detach().clone() for p in module.model.parameters() if p.requires_grad]
+    dm = ShardDataModule(train=SplitConfig(shards=str(out)), val=SplitConfig(shards=""), batch_size=2,
+                         num_workers=0, shuffle_buffer=0)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, dm)
+    assert trainer.global_step == 3
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    after = [p.detach() for p in module.model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert sum(module.skipped.values()) == 0  # every converted sample fit the stage-1 layout

@@ -1,0 +1,90 @@
+"""Prompt rendering, batched generation, scoring and the output files, with the tiny model on fixtures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmlatent.evaluation.runner import EvalConfig, PromptRenderer, evaluate, generate_responses, rescore
+from mmlatent.evaluation.tasks import load_eval_data
+from tests.test_eval_data import write_mmmu, write_scienceqa
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("hf-datasets-cache"))
+
+
+@pytest.fixture(scope="module")
+def mmmu(tmp_path_factory, cache):
+    return load_eval_data("mmmu", str(write_mmmu(tmp_path_factory.mktemp("mmmu"), "subjects")), "validation", cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def scienceqa(tmp_path_factory, cache):
+    return load_eval_data("scienceqa", str(write_scienceqa(tmp_path_factory.mktemp("sqa"), "data")), "test", cache_dir=cache)
+
+
+def test_prompts_are_chatml_with_images_in_place(tiny_model, mmmu):
+    q = next(q for q in mmmu.questions if q.id == "validation_Art_1")  # two images, named in the options
+    T = tiny_model.tokens_per_image
+    ids, pixels = PromptRenderer(tiny_model, latent=True).render(q, mmmu.images(q))
+    assert pixels.shape[0] == 2 and int((ids == tiny_model.ids.image).sum()) == 2 * T
+    text = tiny_model.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+    assert text.startswith("<|im_start|>user\nWhich picture is a copy?\nA. ")
+    assert text.endswith("directly.<|im_end|>\n<|im_start|>assistant\n<|latent_start|>")
+    first_image = text.index("<|image|>")
+    assert text[first_image - 3 : first_image] == "A. " and "B. " not in text[:first_image]
+
+    plain, _ = PromptRenderer(tiny_model, latent=False).render(q, mmmu.images(q))
+    assert plain.tolist() == ids[:-1].tolist()  # the same prompt without the opened latent block
+    assert PromptRenderer(tiny_model, latent=False).length(q) == plain.numel()
+
+
+def test_batched_equals_one_by_one_latent_on(tiny_model, scienceqa):
+    qs = scienceqa.questions
+    batched = generate_responses(tiny_model, scienceqa, qs, EvalConfig(batch_size=4, max_new_tokens=10, progress=False))
+    single = generate_responses(tiny_model, scienceqa, qs, EvalConfig(batch_size=1, max_new_tokens=10, progress=False))
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert all(g.latent_steps >= 1 for g in batched)  # every answer started inside a latent block
+    assert all(g.token_ids[0] == tiny_model.ids.latent for g in batched)
+
+
+def test_no_latent_means_no_latent_steps(tiny_model, scienceqa):
+    out = generate_responses(tiny_model, scienceqa, scienceqa.questions, EvalConfig(latent=False, max_new_tokens=6, progress=False))
+    assert len(out) == 4 and all(g.latent_steps == 0 for g in out)
+
+
+def test_evaluate_writes_every_output(tiny_model, mmmu, tmp_path):
+    results = evaluate(tiny_model, mmmu, EvalConfig(batch_size=2, max_new_tokens=4, progress=False), tmp_path, "tiny")
+    lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == [q.id for q in mmmu.questions]  # dataset order, not length order
+    for r in lines:
+        assert {"id", "prompt", "response", "prediction", "correct", "unparsed", "subject", "discipline"} <= set(r)
+        assert r["latent_steps"] >= 1
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["num"] == 4 and set(results["breakdown"]) == {"overall", "disciplines", "subjects"}
+    submission = json.loads((tmp_path / "submission.json").read_text())
+    assert set(submission) == {q.id for q in mmmu.questions} and all(isinstance(v, str) for v in submission.values())
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rescore_reproduces_known_accuracy(mmmu, tmp_path):
+    responses = [
+        {"id": "validation_Accounting_1", "response": "The answer is (B)."},  # right
+        {"id": "validation_Accounting_2", "response": "So the sum is 1,000."},  # right (a listed answer)
+        {"id": "validation_Art_1", "response": "no idea"},  # unparsed, wrong
+    ]  # Clinical_Medicine_1 has no response: missing, not scored
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in responses))
+    results = rescore(mmmu, path, tmp_path / "out")
+    assert (results["num"], results["correct"], results["unparsed"], results["missing"]) == (3, 2, 1, 1)
+    assert results["breakdown"]["disciplines"]["Business"]["acc"] == 1.0
+    assert results["breakdown"]["disciplines"]["Art & Design"] == {"num": 1, "correct": 0, "acc": 0.0, "unparsed": 1}
+    submission = json.loads((tmp_path / "out" / "submission.json").read_text())
+    assert submission == {"validation_Accounting_1": "B", "validation_Accounting_2": "So the sum is 1,000.", "validation_Art_1": ""}
+
+    path.write_text(json.dumps({"id": "validation_Physics_9", "response": "A"}) + "\n")
+    with pytest.raises(ValueError, match="not in mmmu validation"):
+        rescore(mmmu, path)

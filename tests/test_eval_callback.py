@@ -55,7 +55,7 @@ def test_validation_epoch_end_logs_and_writes(tiny_model, callback, tmp_path):
 
 @pytest.mark.slow
 def test_callback_in_a_real_fit(tmp_path, monkeypatch):
-    """Added on the command line to the tiny stage-1 config, it evaluates after validation and logs."""
+    """The shipped callback config, added to the tiny stage-1 config, evaluates after validation and logs."""
     import csv
 
     from mmlatent.cli import main
@@ -70,14 +70,15 @@ def test_callback_in_a_real_fit(tmp_path, monkeypatch):
         "--data.train.shards=synth/train", "--data.val.shards=synth/val", "--data.batch_size=8",
         "--data.num_workers=0", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
         "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-        "--trainer.callbacks+=mmlatent.evaluation.callback.EvalCallback",
-        "--trainer.callbacks.task=scienceqa", f"--trainer.callbacks.data={root}", "--trainer.callbacks.limit=2",
+        f"--trainer.callbacks+={REPO / 'eval' / 'callbacks' / 'scienceqa_img.yaml'}",  # the shipped config
+        f"--trainer.callbacks.data={root}", "--trainer.callbacks.limit=2",
         "--trainer.callbacks.max_new_tokens=3", "--trainer.callbacks.output_dir=evals",
         f"--trainer.callbacks.cache_dir={tmp_path / 'cache'}",
     ])
     rows = list(csv.DictReader(open(tmp_path / "runs/tiny/stage1/logs/version_0/metrics.csv")))
     assert any(r.get("eval/scienceqa/acc") not in (None, "") for r in rows)
-    assert json.loads((tmp_path / "evals" / "epoch=0" / "results.json").read_text())["num"] == 2
+    results = json.loads((tmp_path / "evals" / "epoch=0" / "results.json").read_text())
+    assert (results["num"], results["subset"]) == (2, "img")
 
 
 def _rank_main(rank: int, world_size: int, port: int, root: str, cache: str, out: str) -> None:

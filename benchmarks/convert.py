@@ -57,7 +57,8 @@ def write_parquet(path: Path, samples: int, reasoning_images: int, px: int) -> N
     trace = " ".join(f"THOUGHT {k}: draw step {k}. <image_start>[reasoning_image_{k}]<image_end>"
                      for k in range(1, reasoning_images + 1))
     data = {
-        "Question": [f"<image_start>[problem_image_1]<image_end> Puzzle {i}: which path is shortest?" for i in range(samples)],
+        "Question": [f"<image_start>[problem_image_1]<image_end> Puzzle {i}: which path is shortest?"
+                     for i in range(samples)],
         "Text Reasoning Trace": [f"{trace} THOUGHT {reasoning_images + 1}: compare." for _ in range(samples)],
         "Final Answer": ["B"] * samples,
         **{c: [{"bytes": pool[(i * len(columns) + j) % len(pool)], "path": None} for i in range(samples)]
@@ -77,7 +78,8 @@ def digest(folder: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=192, help="rows of the parquet file")
-    ap.add_argument("--reasoning-images", type=int, default=2, help="reasoning images per row (plus one problem image)")
+    ap.add_argument("--reasoning-images", type=int, default=2,
+                    help="reasoning images per row (plus one problem image)")
     ap.add_argument("--image-px", type=int, default=1024, help="side of the source PNG images")
     ap.add_argument("--max-image-size", type=int, default=768, help="longest side written (images are shrunk)")
     ap.add_argument("--image-format", default="jpeg", choices=["jpeg", "png", "webp"])

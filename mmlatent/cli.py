@@ -28,7 +28,7 @@ commands:
   predict    generate answers for the validation shards
   data       write shards: `mmlatent data synth --out DIR --train N --val M`
   teacher    precompute a distillation stage's teacher states (`--stage stage2|stage3`)
-  eval       score a model on MMMU / ScienceQA (arrives with the evaluation issue)
+  eval       score a model on MMMU / ScienceQA: mmlatent eval --task mmmu --data MMMU/MMMU --model CKPT --output OUT
   export     write a Hub-ready folder from a checkpoint: mmlatent export CKPT OUT_DIR [--push-to-hub REPO]
 
 Run `mmlatent COMMAND --help` for a command's options.
@@ -80,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         from mmlatent.hub.export import main as export_main
 
         return export_main(rest)
-    if command in ("eval",):
-        print(f"mmlatent {command}: not available in this version yet", file=sys.stderr)
-        return 2
+    if command == "eval":
+        from mmlatent.evaluation.command import main as eval_main
+
+        eval_main(rest)
+        return 0
     print(f"mmlatent: unknown command {command!r}\n\n{HELP}", file=sys.stderr)
     return 2
 

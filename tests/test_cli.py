@@ -24,6 +24,12 @@ def test_help_lists_every_command():
         assert f"\n  {command} " in out.stdout, command
 
 
+def test_eval_and_export_have_their_own_help():
+    for command, option in (("eval", "--responses"), ("export", "--push-to-hub"), ("teacher", "--stage")):
+        out = run(command, "--help")
+        assert out.returncode == 0 and option in out.stdout, (command, out.stderr[-500:])
+
+
 def test_print_config_of_the_tiny_stage1():
     out = run("fit", "--print_config", "-c", STAGE1)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -33,7 +33,8 @@ def test_convert_command_writes_shards_and_resumes(tmp_path, capsys):
             "--samples_per_shard", "2", "--workers", "0", "--progress", "false"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary == {"out": str(tmp_path / "out"), "written": 5, "skipped": {"bad_answer": 1}, "shards": 3, "records": 6}
+    assert summary == {"out": str(tmp_path / "out"), "written": 5, "skipped": {"bad_answer": 1}, "shards": 3,
+                       "records": 6}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["options"]["samples_per_shard"] == 2 and manifest["options"]["split"] == "train"
     assert main(args) == 0  # complete: nothing is rewritten

@@ -88,14 +88,16 @@ def test_dev_split_interleaves_images_and_counts_bad_rows(mmmu_root, tmp_path):
     assert manifest["written"] == 4
     samples = read_samples(out)
     first = samples["mmmu-000000000"]["json"]
-    assert first["id"] == "dev_Accounting_1" and first["answer"] == "B" and first["choices"] == ["$6", "<image 2>", "$8", "$9"]
+    assert first["id"] == "dev_Accounting_1" and first["answer"] == "B"
+    assert first["choices"] == ["$6", "<image 2>", "$8", "$9"]
     assert first["messages"][0]["content"] == [
         {"type": "image", "ref": "img0"},
         {"type": "text", "text": "What is the balance?\nA. $6\nB."},
         {"type": "image", "ref": "img1"},
         {"type": "text", "text": "C. $8\nD. $9\nAnswer with the option's letter from the given choices directly."},
     ]
-    assert first["messages"][1]["content"] == [{"type": "text", "text": "Add the rows of <image 1>.\n\nThe answer is B."}]
+    assert first["messages"][1]["content"] == [
+        {"type": "text", "text": "Add the rows of <image 1>.\n\nThe answer is B."}]
     assert first["meta"] == {"subject": "Accounting", "subfield": "Financial Accounting", "img_type": "['Diagrams']",
                              "topic_difficulty": "Easy", "question_type": "multiple-choice"}
     assert sorted(samples["mmmu-000000000"]) == ["img0.jpeg", "img1.jpeg", "json"]
@@ -106,7 +108,8 @@ def test_dev_split_interleaves_images_and_counts_bad_rows(mmmu_root, tmp_path):
         {"type": "text", "text": "How many years?\nAnswer the question using a single word or phrase."}]
     assert open_q["messages"][1]["content"][0]["text"] == "The answer is 12."
     listed = samples["mmmu-000000006"]["json"]
-    assert listed["answer"] == "['24/7', '3.429']" and listed["messages"][1]["content"][0]["text"] == "The answer is 24/7."
+    assert listed["answer"] == "['24/7', '3.429']"
+    assert listed["messages"][1]["content"][0]["text"] == "The answer is 24/7."
 
     art = samples["mmmu-000000007"]["json"]  # an image named twice is shown once, at its first place
     assert [it["type"] for it in art["messages"][0]["content"]] == ["image", "text"]
@@ -116,7 +119,8 @@ def test_dev_split_interleaves_images_and_counts_bad_rows(mmmu_root, tmp_path):
 def test_subject_filter_and_open_questions_off(mmmu_root, tmp_path):
     art = convert("mmmu", MMMUConfig(source=str(mmmu_root), subjects=["Art_Theory"]), str(tmp_path / "art"),
                   ConvertOptions(workers=0, progress=False))
-    assert art["written"] == 1 and [f["path"] for f in art["source"]["files"]] == ["Art_Theory/dev-00000-of-00001.parquet"]
+    assert art["written"] == 1
+    assert [f["path"] for f in art["source"]["files"]] == ["Art_Theory/dev-00000-of-00001.parquet"]
     mc = convert("mmmu", MMMUConfig(source=str(mmmu_root), include_open=False), str(tmp_path / "mc"),
                  ConvertOptions(workers=0, progress=False))
     assert mc["written"] == 2 and mc["skipped"]["open_question"] == 2

@@ -38,7 +38,8 @@ def image(p: str) -> dict:
     return {"type": "image", "image": p}
 
 
-def record(sid: int, assistant: list[dict], name: str = "Visual_CoT", question_image: str | None = "Visual_CoT/images/q.png") -> dict:
+def record(sid: int, assistant: list[dict], name: str = "Visual_CoT",
+           question_image: str | None = "Visual_CoT/images/q.png") -> dict:
     user = ([image(question_image)] if question_image else []) + [text(f"Question {sid}: what does the sign say?")]
     return {
         "data": [
@@ -68,7 +69,8 @@ def monet_root(tmp_path) -> Path:
         record(1, [text(f"<observation>Early guess</observation>, check.{MARKER}"), image("Visual_CoT/images/a1.png"),
                    text(f"<observation>It is red</observation>, look again{MARKER}"), image("Visual_CoT/images/a2.png"),
                    text("<observation>still red</observation>. \\boxed{\\frac{1}{2}}")]),
-        record(2, [text(f"Zoom.{MARKER}"), image("Visual_CoT/images/missing.png"), text("<observation>x</observation>")]),
+        record(2, [text(f"Zoom.{MARKER}"), image("Visual_CoT/images/missing.png"),
+                   text("<observation>x</observation>")]),
         record(3, [text("Zoom, no marker."), image("Visual_CoT/images/a0.png"), text("<observation>x</observation>")]),
         record(4, [text(f"Marker without image.{MARKER} <observation>x</observation>")]),
         record(5, [text(f"Zoom.{MARKER}"), image("Visual_CoT/images/a0.png"), text("<observation>never closed")]),
@@ -77,7 +79,8 @@ def monet_root(tmp_path) -> Path:
     ]
     (root / "Visual_CoT" / "train.json").write_text(json.dumps(records, indent=1))
     zebra = [record(0, [text(f"Count them.{MARKER}"), image("Zebra_CoT_count/images/z.png"),
-                        text("<observation>three</observation> \\boxed{3}")], name="Zebra_CoT_count", question_image=None)]
+                        text("<observation>three</observation> \\boxed{3}")],
+                     name="Zebra_CoT_count", question_image=None)]
     (root / "Zebra_CoT_count" / "train.json").write_text(json.dumps(zebra))
     (root / "README.md").write_text("not data")
     return root
@@ -98,7 +101,8 @@ def read_samples(out: Path) -> dict[str, dict]:
 def test_good_samples_come_through_and_bad_ones_are_counted_by_reason(monet_root, tmp_path):
     out = tmp_path / "shards"
     manifest = convert("monet", MonetConfig(source=str(monet_root)), str(out),
-                       ConvertOptions(image_format="png", max_image_size=128, samples_per_shard=2, workers=0, progress=False))
+                       ConvertOptions(image_format="png", max_image_size=128, samples_per_shard=2, workers=0,
+                                      progress=False))
     assert manifest["written"] == 3 and manifest["records"] == 9
     assert manifest["skipped"] == {"bad_record": 1, "marker_mismatch": 2, "missing_image_file": 1,
                                    "no_observation": 1, "unbalanced_observation": 1}
@@ -173,3 +177,23 @@ def test_stage2_layout_puts_the_latent_block_right_after_the_aux_image(monet_roo
     assert len(inside) > 0 and torch.all(inside == 4.0)
     assert proc.tok.decode(ids[open_at + 1 : close_at]).strip() == "The sign says STOP."
     assert sample.loss_weights[close_at + 1] == 1.0
+
+
+def test_hub_id_reads_the_cached_snapshot_offline(monet_root, tmp_path, monkeypatch):
+    """A Hub id goes through `snapshot_download`; offline it resolves to the cached snapshot (no network)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo_cache = tmp_path / "hub" / "datasets--NOVAglow646--Monet-SFT-125K"
+    shutil.copytree(monet_root, repo_cache / "snapshots" / sha)
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    manifest = convert("monet", MonetConfig(source="NOVAglow646/Monet-SFT-125K", files=["Zebra_CoT_count/train.json"]),
+                       str(tmp_path / "out"), ConvertOptions(workers=0, progress=False))
+    assert manifest["written"] == 1
+    assert manifest["source"]["kind"] == "hub" and manifest["source"]["revision"] == sha
+    assert manifest["source"]["path"] == "NOVAglow646/Monet-SFT-125K"

@@ -50,7 +50,8 @@ def scienceqa_root(tmp_path) -> Path:
     root = tmp_path / "ScienceQA"
     train = [
         sqa("Which is faster?", ["the car", "the snail"], 0, image={"bytes": png(1), "path": None},
-            hint="A car and a snail race.", lecture="Speed is distance over time.", solution="The car covers more ground."),
+            hint="A car and a snail race.", lecture="Speed is distance over time.",
+            solution="The car covers more ground."),
         sqa("Which word is a noun?", ["run", "dog", "blue"], 1, solution="A dog is a thing."),
         sqa("Out of range answer?", ["yes", "no"], 2),
         sqa("Broken image?", ["yes", "no"], 0, image={"bytes": b"\x89PNG broken", "path": None}),
@@ -77,7 +78,8 @@ def test_train_split_becomes_letter_answer_sft_samples(scienceqa_root, tmp_path)
     manifest = convert("scienceqa", ScienceQAConfig(source=str(scienceqa_root), split="train"), str(out),
                        ConvertOptions(image_format="png", workers=0, progress=False))
     assert [f["path"] for f in manifest["source"]["files"]] == ["data/train-00000-of-00001.parquet"]
-    assert manifest["written"] == 2 and manifest["skipped"] == {"bad_answer": 1, "bad_image": 1, "missing_image_file": 1}
+    assert manifest["written"] == 2
+    assert manifest["skipped"] == {"bad_answer": 1, "bad_image": 1, "missing_image_file": 1}
     samples = read_samples(out)
     first = samples["scienceqa-000000000"]
     meta = first["json"]

@@ -37,7 +37,8 @@ def test_an_image_already_in_shape_keeps_its_bytes_and_others_are_bounded():
     big_jpeg = encoded(noise(800, 400), "JPEG", quality=90)  # decoded at reduced scale, then resized exactly
     out = Image.open(io.BytesIO(reencode(big_jpeg, ImageOptions("jpeg", 100), "k", "x")))
     assert out.size == (100, 50)
-    assert reencode(big_jpeg, ImageOptions("jpeg", 100), "k", "x") == reencode(big_jpeg, ImageOptions("jpeg", 100), "k", "x")
+    assert reencode(big_jpeg, ImageOptions("jpeg", 100), "k", "x") == reencode(big_jpeg, ImageOptions("jpeg", 100),
+                                                                                 "k", "x")
 
 
 def test_transparency_is_flattened_on_white_and_exif_rotation_applied():

@@ -206,3 +206,26 @@ def test_missing_split_and_bad_data_are_clear_errors(tmp_path, cache):
         load_eval_data("scienceqa", str(tmp_path / "nope" / "deeper"), "test", cache_dir=cache)
     with pytest.raises(ValueError, match="unknown task"):
         load_eval_data("mathvista", root, "test", cache_dir=cache)
+
+
+def test_hub_id_is_mirrored_then_read_like_a_folder(tmp_path, cache, monkeypatch):
+    """A Hub id goes through `snapshot_download` (only the split's parquet files), then the local reader."""
+    import fnmatch
+
+    import huggingface_hub
+
+    mirror = write_mmmu(tmp_path / "mirror", "subjects")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(mirror)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    data = load_eval_data("mmmu", None, None, limit=1, cache_dir=cache)  # defaults: MMMU/MMMU, validation
+    assert data.data == "MMMU/MMMU" and data.split == "validation" and len(data.questions) == 1
+    (repo_id, kwargs), = calls
+    assert repo_id == "MMMU/MMMU" and kwargs["repo_type"] == "dataset"
+    wanted = lambda name: any(fnmatch.fnmatch(name, p) for p in kwargs["allow_patterns"])  # noqa: E731
+    assert wanted("Accounting/validation-00000-of-00001.parquet") and wanted("data/validation-00000-of-00002.parquet")
+    assert not wanted("Accounting/dev-00000-of-00001.parquet") and not wanted("Accounting/test-00000-of-00001.parquet")

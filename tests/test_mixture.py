@@ -45,7 +45,8 @@ def processor():
 
 
 def keys_of(sources: list[ResolvedSource], processor, n_batches: int, seed: int = 0, batch: int = 8) -> list[str]:
-    stream = MixtureStream(sources, processor, partial(collate, pad_id=processor.ids.pad), batch, shuffle_buffer=0, seed=seed)
+    stream = MixtureStream(sources, processor, partial(collate, pad_id=processor.ids.pad), batch, shuffle_buffer=0,
+                           seed=seed)
     it = iter(stream)
     return [k for _ in range(n_batches) for k in next(it).keys]
 
@@ -77,8 +78,8 @@ def test_data_module_trains_on_a_mixture_weighted_by_size(tmp_path, processor):
     assert len(loader) == (60 + 20) // 4
     keys = [k for batch in loader for k in batch.keys]
     assert len(keys) == 80 and {k[0] for k in keys} == {"a", "b"}
-    dm = ShardDataModule(mixture=MixtureConfig(sources=[MixtureSource(shards=a, weight=1.0, samples=8)], samples_per_epoch=12),
-                         batch_size=4, num_workers=0)
+    one = MixtureConfig(sources=[MixtureSource(shards=a, weight=1.0, samples=8)], samples_per_epoch=12)
+    dm = ShardDataModule(mixture=one, batch_size=4, num_workers=0)
     dm.attach_processors(processor, processor)
     assert len(dm.train_dataloader()) == 3
 

@@ -22,7 +22,14 @@ from typing import Callable, Iterator
 import webdataset as wds
 
 from mmlatent.data.batch import collate
-from mmlatent.data.pipeline import EpochLoader, ShardStream, SkipCounter, attach_skips, decode_samples, process_samples
+from mmlatent.data.pipeline import (
+    EpochLoader,
+    ShardStream,
+    SkipCounter,
+    attach_skips,
+    decode_samples,
+    process_samples,
+)
 from mmlatent.data.processor import Processor
 from mmlatent.data.tar_reader import tar_samples
 
@@ -151,7 +158,8 @@ class MixtureStream(ShardStream):
         empty = 0
         while True:
             got = 0
-            for raw in tar_samples([{"url": src.urls[rng.randrange(len(src.urls))]}], handler=self.counter.tar_handler):
+            url = src.urls[rng.randrange(len(src.urls))]
+            for raw in tar_samples([{"url": url}], handler=self.counter.tar_handler):
                 got += 1
                 yield raw
             empty = 0 if got else empty + 1

@@ -6,9 +6,12 @@ scored lines are gathered to every rank with one `all_gather_object`. No rank ev
 while the others wait on a collective; the trade-off is that the gather moves the output lines (text, a
 few KB per question) between processes. Every rank then holds the same results, logs them as
 `eval/{task}/acc`, `eval/{task}/unparsed` and one accuracy per breakdown group, and rank 0 writes the
-usual output files under `output_dir/epoch=N/` when a folder is given.
+usual output files under `output_dir/epoch=N/` when a folder is given. It calls the unwrapped `LatentVLM`
+on each rank, so it suits single-device and DDP training; a sharded strategy (FSDP), where every forward
+is a collective over all ranks, would need equal step counts per rank and is not supported.
 
-Use it from a training config:
+Add it on the command line (`mmlatent fit -c CONFIG --trainer.callbacks+=eval/callbacks/scienceqa_img.yaml`)
+or in a training config:
 
     trainer:
       callbacks:

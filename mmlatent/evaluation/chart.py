@@ -37,15 +37,17 @@ def _draw(ax, title: str, groups: dict[str, dict[str, Any]]) -> None:
     ax.set_title(title, fontsize=10)
     for bar, g in zip(bars, groups.values()):
         acc = "n/a" if g["acc"] is None else f"{100 * g['acc']:.1f}%"
-        ax.text(bar.get_width() + 1, bar.get_y() + bar.get_height() / 2, f"{acc} (n={g['num']}, unparsed {g['unparsed']})",
-                va="center", fontsize=7)
+        label = f"{acc} (n={g['num']}, unparsed {g['unparsed']})"
+        ax.text(bar.get_width() + 1, bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=7)
 
 
 def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     """Write the chart of `results` (the results.json object) to `path` (PNG)."""
     parts = panels(results)
     heights = [max(1.5, 0.28 * len(groups) + 0.8) for _, groups in parts]
-    fig, axes = plt.subplots(len(parts), 1, figsize=(8, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig, axes = plt.subplots(
+        len(parts), 1, figsize=(8, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False
+    )
     for ax, (title, groups) in zip(axes[:, 0], parts):
         _draw(ax, title, groups)
     acc = results.get("acc")

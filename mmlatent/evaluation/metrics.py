@@ -86,8 +86,9 @@ def mmmu_breakdown(records: list[dict[str, Any]]) -> dict[str, Any]:
     """`{"overall", "disciplines": {name: …}, "subjects": {name: …}}`, in the official order; groups with
     no question are left out (as the official script skips them). Unknown subjects count only overall."""
     subjects = tally(records, lambda r: (r["subject"],))
-    disciplines = tally(records, lambda r: (MMMU_SUBJECT_DISCIPLINE[r["subject"]],) if r["subject"] in MMMU_SUBJECT_DISCIPLINE else ())
-    ordered_subjects = [s for d in MMMU_DISCIPLINES.values() for s in d] + sorted(set(subjects) - set(MMMU_SUBJECT_DISCIPLINE))
+    disciplines = tally(records, lambda r: [d for d in [MMMU_SUBJECT_DISCIPLINE.get(r["subject"])] if d])
+    known = [s for d in MMMU_DISCIPLINES.values() for s in d]
+    ordered_subjects = known + sorted(set(subjects) - set(known))
     return {
         "overall": overall(records).as_dict(),
         "disciplines": {d: disciplines[d].as_dict() for d in MMMU_DISCIPLINES if d in disciplines},

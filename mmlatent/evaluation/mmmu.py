@@ -94,7 +94,8 @@ class MMMUTask(Task):
             if self.subset == "img" and not any(has):
                 continue
             qid = str(row["id"])
-            question_type = "multiple-choice" if row.get("question_type", "multiple-choice") == "multiple-choice" else "open"
+            is_mc = row.get("question_type", "multiple-choice") == "multiple-choice"
+            question_type = "multiple-choice" if is_mc else "open"
             options = parse_options(row.get("options")) if question_type == "multiple-choice" else []
             subject = subject_of(qid)
             fields = {

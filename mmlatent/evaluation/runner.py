@@ -116,7 +116,8 @@ def generate_responses(model: LatentVLM, data: EvalData, questions: list[Questio
                     prompts.append(ids.to(device))
                     if px.shape[0]:
                         pixels.append(px)
-                pixel_values = torch.cat(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)  # (N_img, 3, H, W)
+                # (N_img, 3, H, W): the batch's images in prompt order
+                pixel_values = torch.cat(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)
                 for i, g in zip(chunk, generate_from_prompts(model, prompts, pixel_values, gen_cfg)):
                     out[i] = g
                 bar.update(len(chunk))
@@ -125,7 +126,9 @@ def generate_responses(model: LatentVLM, data: EvalData, questions: list[Questio
     return out  # type: ignore[return-value]
 
 
-def score(questions: list[Question], responses: list[str], generated: list[Generated] | None = None) -> list[dict[str, Any]]:
+def score(
+    questions: list[Question], responses: list[str], generated: list[Generated] | None = None
+) -> list[dict[str, Any]]:
     """Output lines: id, prompt, response, prediction, correct, unparsed, the gold answer and the category
     fields (plus the normalised candidates of open questions and the generation counts)."""
     records = []
@@ -191,7 +194,9 @@ def write_outputs(out_dir: str | Path, data: EvalData, records: list[dict[str, A
     return out
 
 
-def evaluate(model: LatentVLM, data: EvalData, cfg: EvalConfig, out_dir: str | Path | None = None, model_name: str = "") -> dict[str, Any]:
+def evaluate(
+    model: LatentVLM, data: EvalData, cfg: EvalConfig, out_dir: str | Path | None = None, model_name: str = ""
+) -> dict[str, Any]:
     """Generate, score and (with `out_dir`) write every output. Returns the results object."""
     t0 = time.perf_counter()
     generated = generate_responses(model, data, data.questions, cfg)

@@ -72,7 +72,7 @@ class ScienceQATask(Task):
                     content=[0, text] if has_image else [text],
                     question_type="multiple-choice",
                     choices=choices,
-                    gold=None if answer is None or int(answer) < 0 else choice_letters(int(answer) + 1)[-1],
+                    gold=None if answer is None or int(answer) < 0 else chr(ord("A") + int(answer)),
                     fields={
                         "subject": row.get("subject"),
                         "grade": row.get("grade"),

@@ -50,9 +50,13 @@ def resolve_root(data: str, split: str, revision: str | None = None) -> Path:
     if not _HUB_ID.match(data):
         raise ValueError(f"--data {data!r} is neither an existing folder nor a Hub dataset id (owner/name)")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     patterns = [f"{split}-*.parquet", f"{split}.parquet", f"*/{split}-*.parquet", f"*/{split}.parquet"]
-    return Path(snapshot_download(data, repo_type="dataset", revision=revision, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(data, repo_type="dataset", revision=revision, allow_patterns=patterns))
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as err:
+        raise ValueError(f"--data {data!r}: could not fetch the dataset from the Hub ({type(err).__name__}: {err})") from err
 
 
 def read_parquet(files: list[Path], image_columns: tuple[str, ...], cache_dir: str | None = None):

@@ -68,7 +68,8 @@ class ConvertOptions:
     samples_per_shard: int = 1000
     """Good samples per `.tar` shard (the last shard holds the rest)."""
     workers: int = 2
-    """Processes that convert records (image decoding and encoding); 0 converts in the main process."""
+    """Processes that convert records (image decoding, resizing, encoding), forked from the main process,
+    which reads the source and writes the shards; 0 converts in the main process. Output is the same."""
     limit: int | None = None
     """Read only the first N records (a quick look at a corpus); None reads them all."""
     overwrite: bool = False
@@ -274,7 +275,8 @@ def _start(out: Path, identity: dict, overwrite: bool) -> _Progress | dict:
                                  Counter(data["skipped"]))
             missing = [s for s in progress.shards if not (out / s).exists()]
             if missing:
-                raise ValueError(f"{out}: finished shards {missing[:3]} are gone; pass --overwrite true to start over")
+                raise ValueError(f"{out}: finished shards {missing[:3]} are gone; "
+                                 f"pass --overwrite true to start over")
             return progress
     if any(out.glob(f"{SHARD_PREFIX}-*.tar")):
         raise ValueError(f"{out} already holds shards of unknown origin; pass --overwrite true to start over")

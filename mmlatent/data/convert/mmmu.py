@@ -110,12 +110,14 @@ class MMMUConverter(Converter):
         where = f"{rel}#{row} ({sample_id})"
         options = parse_list(data["options"])
         if options is None or not all(isinstance(o, str) for o in options):
-            raise SampleError("bad_options", f"{where}: options {str(data['options'])[:60]!r} is not a list of strings", key)
+            detail = f"{where}: options {str(data['options'])[:60]!r} is not a list of strings"
+            raise SampleError("bad_options", detail, key)
         qtype = data.get("question_type") or ("multiple-choice" if options else "open")
         raw_answer = "" if data["answer"] is None else str(data["answer"]).strip()
         if qtype == "multiple-choice":
             if len(raw_answer) != 1 or not 0 <= ord(raw_answer) - ord("A") < len(options):
-                raise SampleError("bad_answer", f"{where}: answer {raw_answer!r} is not a letter of {len(options)} options", key)
+                detail = f"{where}: answer {raw_answer!r} is not a letter of {len(options)} options"
+                raise SampleError("bad_answer", detail, key)
             said, lines = raw_answer, [options_block(options), self.cfg.mc_instruction]
         else:
             if not self.cfg.include_open:

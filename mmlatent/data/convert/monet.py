@@ -125,7 +125,8 @@ class MonetConverter(Converter):
                 elif kind == "image" and isinstance(item.get("image"), str) and item["image"]:
                     if role == "assistant":
                         if not (isinstance(previous, dict) and MARKER in str(previous.get("text", ""))):
-                            raise SampleError("marker_mismatch", f"{where}: aux image {n_aux} has no marker before it", key)
+                            detail = f"{where}: aux image {n_aux} has no marker before it"
+                            raise SampleError("marker_mismatch", detail, key)
                         ref, n_aux, aux_seen = f"aux{n_aux}", n_aux + 1, True
                         items.append({"type": "aux_image", "ref": ref})
                     else:

@@ -86,7 +86,8 @@ class ScienceQAConverter(Converter):
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
             raise SampleError("bad_record", f"{where}: choices must be a non-empty list of strings", key)
         if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise SampleError("bad_answer", f"{where}: answer {answer!r} is not an index into {len(choices)} choices", key)
+            detail = f"{where}: answer {answer!r} is not an index into {len(choices)} choices"
+            raise SampleError("bad_answer", detail, key)
         image = data.get("image")
         if image is None and self.cfg.image_only:
             raise SampleError("no_image", f"{where}: no image and image_only is set", key)

@@ -116,13 +116,15 @@ def _local(source: str, root: Path, revision: str | None, patterns: list[str]) -
 def _hub(repo: str, revision: str | None, patterns: list[str], download: bool) -> SourceInfo:
     from huggingface_hub import HfApi, snapshot_download
 
+    if download:  # also works offline (HF_HUB_OFFLINE=1) once the snapshot is in the cache
+        root = Path(snapshot_download(repo, repo_type="dataset", revision=revision))
+        info = _local(repo, root, root.name, patterns)  # the snapshot folder is named after its commit
+        info.kind = "hub"
+        return info
     info = HfApi().dataset_info(repo, revision=revision, files_metadata=True)
     sha = info.sha
     siblings = sorted((s.rfilename, s.size or 0) for s in info.siblings or [] if _matches(s.rfilename, patterns))
     files, sizes = [f for f, _ in siblings], [s for _, s in siblings]
-    if download:
-        root = snapshot_download(repo, repo_type="dataset", revision=sha)
-        return SourceInfo(repo, "hub", sha, root, files, sizes)
     return SourceInfo(repo, "hub", sha, f"hf://datasets/{repo}@{sha}", files, sizes)
 
 

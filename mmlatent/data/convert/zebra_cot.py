@@ -112,7 +112,8 @@ class ZebraCoTConverter(Converter):
             if column in placed:
                 continue  # shown already (a problem image the trace points back to)
             if column not in data:
-                raise SampleError("missing_column", f"{rel}: the text refers to [{column}], a column the file lacks", key)
+                detail = f"{rel}: the text refers to [{column}], a column the file lacks"
+                raise SampleError("missing_column", detail, key)
             aux = role == "assistant" and column.startswith("reasoning_image_")
             kind, prefix = ("aux_image", "aux") if aux else ("image", "img")
             ref = f"{prefix}{sum(r.startswith(prefix) for r in images)}"

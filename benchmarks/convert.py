@@ -5,7 +5,9 @@ inline `<image_start>[…]<image_end>` references, PNG diagrams of `--image-px` 
 twice in one run, the same work two ways:
 - `samples_per_s`: with `--workers` converter processes (default 2: image decode, resize, JPEG encode);
 - `samples_per_s_1_process`: everything in the main process;
-- `speedup`: the ratio, and `identical_shards`: whether both wrote the same bytes (they must).
+- `speedup`: the ratio, and `identical_shards`: whether both wrote the same bytes (they must);
+- `free_cores_probe`: how many cores `--workers` processes actually got during the run (a CPU-bound probe),
+  the ceiling of `speedup` on a shared machine.
 Times include starting the worker pool. The last line printed is a JSON object.
 """
 
@@ -68,6 +70,26 @@ def write_parquet(path: Path, samples: int, reasoning_images: int, px: int) -> N
     pq.write_table(pa.Table.from_pydict(data, schema=features.arrow_schema), path, row_group_size=64)
 
 
+def _spin(_: int) -> float:
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(3_000_000):
+        total += i
+    return time.perf_counter() - t0
+
+
+def free_cores(workers: int) -> float:
+    """How many cores `workers` processes really get now (a CPU-bound probe; the machine may be shared)."""
+    import multiprocessing
+
+    one = _spin(0)
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        t0 = time.perf_counter()
+        pool.map(_spin, range(workers))
+        many = time.perf_counter() - t0
+    return workers * one / many
+
+
 def digest(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.glob("*.tar")):
@@ -107,6 +129,7 @@ def main() -> None:
         run(0, "warmup")  # imports and `datasets` set-up are not throughput
         serial = run(0, "serial")
         parallel = run(args.workers, "parallel")
+        cores = free_cores(max(1, args.workers))
         identical = digest(Path(tmp) / "serial") == digest(Path(tmp) / "parallel")
         out_bytes = sum(p.stat().st_size for p in (Path(tmp) / "parallel").glob("*.tar"))
 
@@ -123,6 +146,7 @@ def main() -> None:
         "image_format": args.image_format,
         "kb_per_sample": round(out_bytes / args.samples / 1024, 1),
         "cpu_count": os.cpu_count(),
+        "free_cores_probe": round(cores, 2),  # speedup cannot exceed this
     }
     print(json.dumps(result))
     sys.stdout.flush()

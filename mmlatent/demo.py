@@ -33,8 +33,11 @@ STAGES = ("stage1", "stage2", "stage3", "direct")
 
 
 def demo_synth_config() -> SynthConfig:
-    """The demo's task: 2-3 hop pointer chasing from a named cell on a 4x4 grid."""
-    return SynthConfig(task_mix=TaskMix(chase=0.0, walk=1.0), hops=(2, 3))
+    """The demo's task: 2-3 hop pointer chasing from a named cell on a 3x3 grid of 16-px cells.
+
+    Named starts and 9 cells keep the visual lookups learnable in a few CPU minutes (DESIGN §2: content
+    addressing, as in "start at the framed cell", is the slow phase transition)."""
+    return SynthConfig(image_size=48, grid_size=3, task_mix=TaskMix(chase=0.0, walk=1.0), hops=(2, 3))
 
 
 def stage_config(name: str, out: Path, data: Path, max_epochs: int | None = None, max_steps: int = -1) -> Path:
@@ -53,6 +56,7 @@ def stage_config(name: str, out: Path, data: Path, max_epochs: int | None = None
         if cb["class_path"].endswith("JsonlPredictionWriter"):
             cb["init_args"]["output_dir"] = str(run_dir / "predictions")
     model = cfg["model"]
+    model["vlm"]["vision"]["image_size"] = demo_synth_config().image_size  # one ViT patch per cell
     previous = {"stage2": "stage1", "stage3": "stage2"}.get(name)
     if previous:
         ckpt = str(checkpoint(out, previous))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from functools import partial
 from pathlib import Path
@@ -87,15 +86,6 @@ def train(name: str, out: Path, data: Path, step: str, **limits) -> None:
     cli_main(["fit", "-c", str(stage_config(name, out, data, **limits))])
 
 
-ANSWER = re.compile(r"answer is \(?([A-Z])\)?")
-
-
-def parse_letter(response: str) -> str | None:
-    """The option letter of a response: the last "answer is X" (the synthetic set's conclusion)."""
-    found = ANSWER.findall(response)
-    return found[-1] if found else None
-
-
 @torch.no_grad()
 def evaluate(ckpt: Path, data: Path, stage: str, latent: bool, max_new_tokens: int, batch_size: int = 50) -> dict:
     """Accuracy, generated positions per answer and seconds per question of a checkpoint on the held-out split."""
@@ -104,6 +94,7 @@ def evaluate(ckpt: Path, data: Path, stage: str, latent: bool, max_new_tokens: i
     from mmlatent.data.batch import collate
     from mmlatent.data.pipeline import ShardStream
     from mmlatent.data.processor import Processor
+    from mmlatent.evaluation.parsing import choice_letters, parse_multi_choice_response
     from mmlatent.model.generation import GenerationConfig, generate
     from mmlatent.training.checkpoint_io import load_model
     from mmlatent.training.datamodule import expand_shards, manifest_count
@@ -117,6 +108,7 @@ def evaluate(ckpt: Path, data: Path, stage: str, latent: bool, max_new_tokens: i
         batch_size, shuffle_buffer=0, loop=False, partial_batches=True,
     )
     gen = GenerationConfig(max_new_tokens=max_new_tokens, latent=latent)
+    letters = choice_letters(demo_synth_config().num_choices)
     n = correct = positions = unparsed = 0
     seconds = 0.0
     with tqdm(total=manifest_count(str(data / "val")), desc=f"eval {stage}", unit="question") as bar:
@@ -125,7 +117,7 @@ def evaluate(ckpt: Path, data: Path, stage: str, latent: bool, max_new_tokens: i
             outs = generate(model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, gen)
             seconds += time.perf_counter() - t0
             for g, answer in zip(outs, batch.answers):
-                letter = parse_letter(g.text)
+                letter = parse_multi_choice_response(g.text, letters, {})  # MMMU's official parsing
                 unparsed += letter is None
                 correct += letter == answer
                 positions += g.positions

@@ -50,16 +50,17 @@ class ProcessedSample:
 
 @dataclass
 class Batch:
-    """A padded batch (right padding). B = batch size, L = longest sequence."""
+    """A padded batch. B = batch size, L = longest sequence. Rows are aligned at their first assistant
+    token (left padding before shorter prompts, right padding after shorter answers)."""
 
     keys: list[str]
     """Sample keys, length B."""
     input_ids: Tensor
-    """(B, L) token ids, pad id beyond each sample's length."""
+    """(B, L) token ids, pad id outside each sample."""
     attention_mask: Tensor
     """(B, L) 1 for real tokens, 0 for padding."""
     position_ids: Tensor
-    """(B, L) explicit positions 0..len-1 per sample (padding keeps counting; it is masked anyway)."""
+    """(B, L) explicit positions 0..len-1 per sample from its first token (padding is masked anyway)."""
     labels: Tensor
     """(B, L) targets aligned with input_ids; IGNORE_INDEX where unlabelled."""
     loss_weights: Tensor
@@ -68,6 +69,9 @@ class Batch:
     """(N_img, 3, H, W) all images of the batch in token order (sample 0's first)."""
     prompt_lengths: Tensor
     """(B,) tokens before each sample's first assistant token."""
+    starts: Tensor
+    """(B,) column of each row's first token (left padding that aligns the assistant turns); the prompt of
+    row b is `input_ids[b, starts[b] : starts[b] + prompt_lengths[b]]`."""
     answers: list[str]
     """Reference answers, length B."""
     aux_pixel_values: Tensor
@@ -95,21 +99,27 @@ class Batch:
 def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = -1, pad_to_multiple: int = 8) -> Batch:
     """Pad `samples` to a common length (rounded up to `pad_to_multiple`) and stack them.
 
+    Rows are aligned at the first assistant token: a row with a shorter prompt gets that many pad tokens on
+    the left, the rest of the padding goes on the right. The latent loop runs one forward per distinct slot
+    column of the batch, so aligning the assistant turns puts the first blocks of all samples in the same
+    columns (with a latent-only chain, every block): a batch of 32 costs the slot forwards of one sample.
     `latent_start_id` numbers the latent blocks across the batch for `aux_blocks`.
     """
+    lefts = [max(s.prompt_length for s in samples) - s.prompt_length for s in samples]  # pads before each row
     lengths = [s.input_ids.numel() for s in samples]
-    L = -(-max(lengths) // pad_to_multiple) * pad_to_multiple
+    L = -(-max(a + n for a, n in zip(lefts, lengths)) // pad_to_multiple) * pad_to_multiple
     B = len(samples)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
     weights = torch.zeros((B, L), dtype=torch.float32)
     attention = torch.zeros((B, L), dtype=torch.long)
-    for i, (s, n) in enumerate(zip(samples, lengths)):
-        input_ids[i, :n] = s.input_ids
-        labels[i, :n] = s.labels
-        weights[i, :n] = s.loss_weights
-        attention[i, :n] = 1
-    position_ids = torch.arange(L).unsqueeze(0).expand(B, L).clone()  # (B, L)
+    for i, (s, a, n) in enumerate(zip(samples, lefts, lengths)):
+        input_ids[i, a : a + n] = s.input_ids
+        labels[i, a : a + n] = s.labels
+        weights[i, a : a + n] = s.loss_weights
+        attention[i, a : a + n] = 1
+    starts = torch.tensor(lefts, dtype=torch.long)  # (B,)
+    position_ids = (torch.arange(L)[None] - starts[:, None]).clamp_min(0)  # (B, L) 0 at each row's first token
     images = [s.pixel_values for s in samples if s.pixel_values.numel()]
     pixel_values = torch.cat(images) if images else torch.zeros(0, 3, 1, 1)  # (N_img, 3, H, W)
     targets = [s.aux_pixel_values for s in samples if s.aux_pixel_values.numel()]
@@ -117,7 +127,7 @@ def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = 
     blocks_before = torch.tensor([int((s.input_ids == latent_start_id).sum()) for s in samples]).cumsum(0)
     blocks_before = torch.cat([torch.zeros(1, dtype=torch.long), blocks_before[:-1]])  # (B,)
     aux_blocks = torch.cat([s.aux_blocks + blocks_before[i] for i, s in enumerate(samples)])  # (N_tgt,)
-    spans = [s.hidden_spans for s in samples]
+    spans = [s.hidden_spans + a for s, a in zip(samples, lefts)]  # in batch columns
     block_mask = block_attention_mask(attention, spans) if any(x.numel() for x in spans) else None
     teachers = [s.teacher for s in samples]
     if any(t is None for t in teachers) and any(t is not None for t in teachers):
@@ -132,6 +142,7 @@ def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = 
         loss_weights=weights,
         pixel_values=pixel_values,
         prompt_lengths=torch.tensor([s.prompt_length for s in samples], dtype=torch.long),
+        starts=starts,
         answers=[s.answer for s in samples],
         aux_pixel_values=aux_pixels,
         aux_blocks=aux_blocks,

@@ -3,7 +3,8 @@
 Everything above this file (the latent loop, stages, generation, evaluation) talks to a `Backbone` only:
 images to LM-space tokens, text ids to embeddings, and one LM forward on `inputs_embeds` with explicit
 position ids, an optional KV cache and, on request, the hidden states of every layer. The composed
-backbone is `VisionTower -> Projector -> AutoModelForCausalLM`; native HF VLMs implement the same methods.
+backbone is `VisionTower -> Projector -> AutoModelForCausalLM`; native HF VLMs (`native_backbone.py`) implement
+the same methods.
 
 The LM forward calls the decoder (`get_decoder()`) and the output head separately, so callers that need
 logits only at a few positions (a latent step, the last prompt token) do not pay for the full vocabulary
@@ -65,6 +66,18 @@ class Backbone(nn.Module):
     def new_cache(self) -> Cache:
         raise NotImplementedError
 
+    @property
+    def transformers_model(self) -> PreTrainedModel:
+        """The transformers model holding the LM's decoder, embeddings and head (LoRA adapters go into it)."""
+        raise NotImplementedError
+
+    def bind_images(self, image_mask: Tensor) -> None:
+        """Where the image tokens sit in the (B, L) sequences the next `forward_lm` calls run over.
+
+        `LatentVLM.embed_inputs` calls this with its image-slot mask. Backbones whose positions depend on the
+        image layout (Qwen2.5-VL's multimodal rotary positions) keep it; the default ignores it.
+        """
+
     def truncate_cache(self, cache: Cache, length: int) -> None:
         """Cut `cache` back to its first `length` positions, in place."""
         extra = cache.get_seq_length() - length
@@ -115,6 +128,10 @@ class ComposedBackbone(Backbone):
 
     def new_cache(self) -> Cache:
         return DynamicCache(config=self.lm.config)
+
+    @property
+    def transformers_model(self) -> PreTrainedModel:
+        return self.lm
 
     def forward_lm(
         self,

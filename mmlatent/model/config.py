@@ -1,16 +1,20 @@
 """`ModelConfig`: everything needed to build a `LatentVLM`, as one typed tree.
 
-Each part's config lives beside its component (vision tower, projector, LM, tokenizer); this file only
-groups them so a YAML file or `--model.vlm.lm.random_init.hidden_size=256` on the command line reaches
-any field. Named presets are in `presets.py`.
+Each part's config lives beside its component (vision tower, projector, LM, native VLM, tokenizer, LoRA);
+this file only groups them so a YAML file or `--model.vlm.lm.random_init.hidden_size=256` on the command
+line reaches any field. `backbone` picks the composed VLM (`vision`, `projector`, `lm`) or a native
+transformers VLM (`native`); the fields of the other kind are then unused. Named presets are in `presets.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mmlatent.model.language_model import LanguageModelConfig
 from mmlatent.model.latent_config import LatentConfig
+from mmlatent.model.lora import LoraConfig
+from mmlatent.model.native_backbone import NativeBackboneConfig
 from mmlatent.model.projector import ProjectorConfig
 from mmlatent.model.tokenizer import TokenizerConfig
 from mmlatent.model.vision_tower import VisionTowerConfig
@@ -18,7 +22,7 @@ from mmlatent.model.vision_tower import VisionTowerConfig
 
 @dataclass
 class ModelConfig:
-    """A composed VLM: vision tower -> projector -> causal LM, with its tokenizer."""
+    """A VLM (composed: vision tower -> projector -> causal LM; or native), its tokenizer and latent modules."""
 
     vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     """The image encoder (open_clip or timm)."""
@@ -30,6 +34,13 @@ class ModelConfig:
     """The tokenizer; mmlatent's special tokens are added to it."""
     latent: LatentConfig = field(default_factory=LatentConfig)
     """How the model reasons in latent blocks (sketch or LQ-Former thoughts; sequential or Jacobi)."""
+    backbone: Literal["composed", "qwen2_5_vl", "llava"] = "composed"
+    """`composed`: `vision` -> `projector` -> `lm`. `qwen2_5_vl` (Qwen2.5-VL) or `llava` (LlavaForConditionalGeneration):
+    a native transformers VLM described by `native`; set `tokenizer.name_or_path` to the same model."""
+    native: NativeBackboneConfig = field(default_factory=NativeBackboneConfig)
+    """The native VLM (used when `backbone` is not `composed`)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters on the language model (peft), for either backbone kind."""
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":

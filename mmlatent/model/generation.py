@@ -66,19 +66,23 @@ class Generated:
 
 
 def split_prompts(
-    input_ids: Tensor, prompt_lengths: Tensor, pixel_values: Tensor, image_id: int, tokens_per_image: int
+    input_ids: Tensor, prompt_lengths: Tensor, pixel_values: Tensor, image_id: int, tokens_per_image: int, pad_id: int
 ) -> tuple[list[Tensor], Tensor]:
-    """Cut each row of a right-padded (B, L) training batch to its prompt and keep only the prompt images.
+    """Cut each row of a padded (B, L) training batch to its prompt and keep only the prompt images.
 
-    Returns the B prompt id tensors and the (N_prompt_img, 3, H, W) images they reference, in order.
+    A row's prompt starts at its first non-pad token (collate may left-pad to align assistant turns; a chat
+    never starts with the pad token). Returns the B prompt id tensors and the (N_prompt_img, 3, H, W)
+    images they reference, in order.
     """
     prompts, keep, first = [], [], 0
     for row, n in zip(input_ids, prompt_lengths.tolist()):
+        start = int((row != pad_id).nonzero()[0])
+        prompt = row[start : start + n]
         n_all = int((row == image_id).sum()) // tokens_per_image
-        n_prompt = int((row[:n] == image_id).sum()) // tokens_per_image
+        n_prompt = int((prompt == image_id).sum()) // tokens_per_image
         keep.extend(range(first, first + n_prompt))
         first += n_all
-        prompts.append(row[:n])
+        prompts.append(prompt)
     return prompts, pixel_values[keep]
 
 
@@ -230,6 +234,6 @@ def generate(
 ) -> list[Generated]:
     """Generate from the prompts of a training-layout batch (right-padded, prompt lengths known)."""
     prompts, prompt_pixels = split_prompts(
-        input_ids, prompt_lengths, pixel_values, model.ids.image, model.tokens_per_image
+        input_ids, prompt_lengths, pixel_values, model.ids.image, model.tokens_per_image, model.ids.pad
     )
     return generate_voted(model, prompts, prompt_pixels, cfg, extract)

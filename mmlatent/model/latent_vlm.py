@@ -1,6 +1,7 @@
 """`LatentVLM`: a backbone, its tokenizer and its latent modules; the model users build, train and load.
 
-It owns the tokenizer (with mmlatent's special tokens), the backbone, and the modules that make latent
+It owns the tokenizer (with mmlatent's special tokens), the backbone (composed, or a native transformers VLM
+chosen by `ModelConfig.backbone`, optionally with LoRA adapters on its LM), and the modules that make latent
 slot inputs: the sketch head (sketch mode) or the LQ-Former (thought mode), plus the optional grounding
 heads (diffusion denoiser, contrastive temperature). It places visual tokens into a token sequence and
 turns a hidden state into the next slot's input (`latent_step`); the loops that run latent blocks live in
@@ -10,6 +11,7 @@ It knows nothing of Lightning or of the data pipeline: it takes tensors and retu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,7 +23,9 @@ from mmlatent.model.backbone import ComposedBackbone, LMOutput
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.diffusion_head import DiffusionHead
 from mmlatent.model.language_model import load_language_model
+from mmlatent.model.lora import LoraAdapters, LoraConfig, apply_lora
 from mmlatent.model.lq_former import LQFormer
+from mmlatent.model.native_backbone import build_native_backbone
 from mmlatent.model.sketch_head import SketchHead
 from mmlatent.model.tokenizer import load_tokenizer, token_ids
 
@@ -66,8 +70,15 @@ class LatentVLM(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
         self.ids = token_ids(self.tokenizer)
-        lm = load_language_model(cfg.lm, vocab_size=len(self.tokenizer))
-        self.backbone = ComposedBackbone(cfg.vision, cfg.projector, lm)
+        if cfg.backbone == "composed":
+            lm = load_language_model(cfg.lm, vocab_size=len(self.tokenizer))
+            self.backbone = ComposedBackbone(cfg.vision, cfg.projector, lm)
+        else:
+            self.backbone = build_native_backbone(cfg.backbone, cfg.native, self.tokenizer)
+        special = sorted(set(dataclasses.astuple(self.ids)))
+        self.lora: LoraAdapters | None = (
+            apply_lora(self.backbone.transformers_model, cfg.lora, special) if cfg.lora.enabled else None
+        )
         D = self.backbone.hidden_size
         lat = cfg.latent
         self.sketch_head = SketchHead(lat.sketch_head, D) if lat.mode == "sketch" else None
@@ -87,6 +98,7 @@ class LatentVLM(nn.Module):
         """
         embeds = self.backbone.embed_tokens(input_ids)  # (B, L, D)
         slots = input_ids == self.ids.image  # (B, L)
+        self.backbone.bind_images(slots)  # positions of the following LM forwards may depend on it (Qwen2.5-VL)
         n_slots = int(slots.sum())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         if n_slots != n_images * self.tokens_per_image:
@@ -167,6 +179,18 @@ class LatentVLM(nn.Module):
             self, repo_id, private=private, revision=revision, token=token,
             max_shard_size=max_shard_size, generation=generation, commit_message=commit_message,
         )
+
+    def merge_lora(self) -> "LatentVLM":
+        """Fold the LoRA adapters into the LM's weights, in place; the model becomes a plain one.
+
+        Its `cfg.lora` is switched off (a new config object), so saving it writes a model that loads without
+        peft. A model without adapters is returned unchanged.
+        """
+        if self.lora is not None:
+            self.lora.merge()
+            self.lora = None
+            self.cfg = dataclasses.replace(self.cfg, lora=LoraConfig())
+        return self
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -5,6 +5,10 @@ substrings. `tiny` is what tests, benchmarks and the demo use: about 1.2M parame
 into 16 patches of 16 pixels (one patch per cell of the synthetic grid), a 4-layer 128-wide Qwen2-shaped
 LM and the synthetic byte-level BPE tokenizer. Its vision tower trains (`freeze=False`) because a random
 tower has nothing to preserve; real presets keep the pretrained tower frozen.
+
+`tiny-qwen2.5-vl` and `tiny-llava` are native transformers VLMs of the same scale (a 2-layer 128-wide LM,
+a 2-block 64-wide vision tower, 16 visual tokens per 64-px image, the synthetic tokenizer), built at random
+from `RandomNativeConfig`; `qwen2.5-vl-3b` and `llava-1.5-7b` load the released models from the Hub.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Callable
 
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.language_model import LanguageModelConfig, RandomLMConfig
+from mmlatent.model.native_backbone import NativeBackboneConfig, RandomNativeConfig
 from mmlatent.model.projector import ProjectorConfig
 from mmlatent.model.tokenizer import TokenizerConfig
 from mmlatent.model.vision_tower import VisionTowerConfig
@@ -69,4 +74,47 @@ def siglip_qwen2_5_0_5b() -> ModelConfig:
         projector=ProjectorConfig(kind="mlp", pixel_shuffle=2),
         lm=LanguageModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16"),
         tokenizer=TokenizerConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct"),
+    )
+
+
+def _tiny_native(backbone: str, patch_size: int) -> ModelConfig:
+    """A random native VLM of the tiny scale; the vision tower trains (random: nothing to preserve)."""
+    return ModelConfig(
+        backbone=backbone,
+        native=NativeBackboneConfig(random_init=RandomNativeConfig(patch_size=patch_size, image_size=64), freeze_vision=False),
+        tokenizer=TokenizerConfig(),
+    )
+
+
+@register("tiny-qwen2.5-vl")
+def tiny_qwen2_5_vl() -> ModelConfig:
+    """Qwen2.5-VL-shaped: 8-px patches merged 2×2, so a 64-px image gives 4×4 tokens with 3D rotary positions."""
+    return _tiny_native("qwen2_5_vl", patch_size=8)
+
+
+@register("tiny-llava")
+def tiny_llava() -> ModelConfig:
+    """LLaVA-shaped: a CLIP tower with 16-px patches (4×4 tokens per 64-px image), MLP projector, Llama LM."""
+    return _tiny_native("llava", patch_size=16)
+
+
+@register("qwen2.5-vl-3b")
+def qwen2_5_vl_3b() -> ModelConfig:
+    """Qwen2.5-VL-3B-Instruct, images at 448 px (256 tokens), vision tower frozen, merger and LM trained."""
+    source = "Qwen/Qwen2.5-VL-3B-Instruct"
+    return ModelConfig(
+        backbone="qwen2_5_vl",
+        native=NativeBackboneConfig(name_or_path=source, image_size=448, dtype="bfloat16"),
+        tokenizer=TokenizerConfig(name_or_path=source),
+    )
+
+
+@register("llava-1.5-7b")
+def llava_1_5_7b() -> ModelConfig:
+    """LLaVA-1.5-7B (the `llava-hf` conversion): CLIP ViT-L/14 at 336 px (576 tokens), frozen tower."""
+    source = "llava-hf/llava-1.5-7b-hf"
+    return ModelConfig(
+        backbone="llava",
+        native=NativeBackboneConfig(name_or_path=source, dtype="bfloat16"),
+        tokenizer=TokenizerConfig(name_or_path=source),
     )

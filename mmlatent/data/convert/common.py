@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Iterable, Iterator
 from tqdm import tqdm
 
 from mmlatent.data.convert.images import ImageFormat, ImageOptions
-from mmlatent.data.convert.sources import SourceInfo
+from mmlatent.data.convert.sources import SourceInfo, parquet_columns_and_rows, parquet_num_rows
 from mmlatent.data.sample import SampleError, validate_sample
 from mmlatent.data.shard_writer import RawSample, write_shards
 
@@ -136,6 +136,21 @@ class Converter(ABC):
 
     def key(self, index: int) -> str:
         return f"{self.name}-{index:09d}"
+
+    def parquet_records(self, required: tuple[str, ...], what: str) -> Iterator[tuple[str, int, dict]]:
+        """(file, row, row dict) of every row of the source's parquet files, in order; a file without one of
+        the `required` columns is an error naming the column (it is not "a `what` file")."""
+        for rel in self.source.files:
+            columns, rows = parquet_columns_and_rows(self.source.url(rel))
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise ValueError(f"{self.source.url(rel)}: no column {missing[0]!r} (columns: {columns}); is this {what}?")
+            for row, data in enumerate(rows):
+                yield rel, row, data
+
+    def parquet_total(self) -> int | None:
+        """Rows of the source's parquet files, from their footers."""
+        return parquet_num_rows(self.source)
 
     def identity(self, options: ConvertOptions) -> dict:
         """What must match for a resumed conversion to continue this one."""

@@ -25,7 +25,7 @@ from typing import Iterator
 
 from mmlatent.data.convert.common import Converter, options_block
 from mmlatent.data.convert.images import convert_image
-from mmlatent.data.convert.sources import SourceInfo, parquet_columns_and_rows, parquet_num_rows, resolve_source
+from mmlatent.data.convert.sources import SourceInfo, resolve_source
 from mmlatent.data.sample import SampleError
 from mmlatent.data.shard_writer import RawSample
 
@@ -92,17 +92,10 @@ class MMMUConverter(Converter):
         return self.source
 
     def total(self) -> int | None:
-        return parquet_num_rows(self.source)
+        return self.parquet_total()
 
     def records(self) -> Iterator[tuple[str, int, dict]]:
-        for rel in self.source.files:
-            columns, rows = parquet_columns_and_rows(self.source.url(rel))
-            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-            if missing:
-                raise ValueError(f"{self.source.url(rel)}: no column {missing[0]!r} (columns: {columns}); "
-                                 f"is this an MMMU file?")
-            for row, data in enumerate(rows):
-                yield rel, row, data
+        return self.parquet_records(REQUIRED_COLUMNS, "an MMMU file")
 
     def convert(self, record: tuple[str, int, dict], key: str) -> RawSample:
         rel, row, data = record

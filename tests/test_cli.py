@@ -37,6 +37,17 @@ def test_print_config_of_the_tiny_stage1():
     assert "shards: data/synth/train" in out.stdout
 
 
+@pytest.mark.parametrize("config", sorted(p.relative_to(REPO).as_posix() for p in (REPO / "train" / "configs").rglob("stage*.yaml")))
+def test_every_stage_recipe_parses(config, capsys):
+    """Each shipped recipe is a valid config of the CLI (every field exists and has the right type)."""
+    from mmlatent.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--print_config", "-c", str(REPO / config)])
+    assert done.value.code in (0, None)
+    assert "name: stage" in capsys.readouterr().out
+
+
 def test_fit_help_documents_options():
     out = run("fit", "--help")
     assert out.returncode == 0

@@ -21,8 +21,13 @@ test: setup
 demo: setup
 	$(BIN)/python -m mmlatent.demo --out runs/demo
 
+# Each benchmark compares two ways of doing the same work and prints one JSON line last.
 benchmarks: setup
 	$(BIN)/python benchmarks/dataloader.py
+	$(BIN)/python benchmarks/latent_loop.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/eval_batching.py
+	$(BIN)/python benchmarks/convert.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -37,11 +37,13 @@ Run `mmlatent COMMAND --help` for a command's options.
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
     "log_every_n_steps": 10,
+    # checkpoints are written to a temporary file and renamed: a failed write leaves the last good one
+    "plugins": [{"class_path": "mmlatent.training.checkpointing.AtomicCheckpointIO"}],
 }
 
 
 class MMLatentCLI(LightningCLI):
-    """LightningCLI with mmlatent's module and data module and CSV logging by default."""
+    """LightningCLI with mmlatent's module and data module, CSV logging and atomic checkpoint writes by default."""
 
     def __init__(self, args: list[str] | None):
         from mmlatent.training.datamodule import ShardDataModule

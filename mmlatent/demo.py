@@ -97,7 +97,7 @@ def evaluate(ckpt: Path, data: Path, stage: str, latent: bool, max_new_tokens: i
     from mmlatent.evaluation.parsing import choice_letters, parse_multi_choice_response
     from mmlatent.model.generation import GenerationConfig, generate
     from mmlatent.training.checkpoint_io import load_model
-    from mmlatent.training.datamodule import expand_shards, manifest_count
+    from mmlatent.data.shards import expand_shards, manifest_count
     from mmlatent.training.stages import StageConfig, build_stage
 
     model = load_model(ckpt)
@@ -139,7 +139,7 @@ def visualize(ckpt: Path, data: Path, path: Path) -> None:
     from mmlatent.data.pipeline import ShardStream
     from mmlatent.data.processor import Processor
     from mmlatent.training.checkpoint_io import load_model
-    from mmlatent.training.datamodule import expand_shards
+    from mmlatent.data.shards import expand_shards
     from mmlatent.training.stages import StageConfig, build_stage
     from mmlatent.visualize import visualize_sample
 

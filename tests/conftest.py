@@ -13,6 +13,40 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def latent_block(model, n: int) -> list[int]:
+    """Token ids of one latent block of `n` slots."""
+    return [model.ids.latent_start, *[model.ids.latent] * n, model.ids.latent_end]
+
+
+def right_pad(rows: list[list[int]], pad_id: int):
+    """Right-padded (ids, attention mask, position ids), each [B, L], of token-id rows."""
+    import torch
+
+    B, L = len(rows), max(map(len, rows))
+    ids = torch.full((B, L), pad_id)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask, torch.arange(L).expand(B, L)
+
+
+def assert_cached_loop_matches_recompute(model, ids, mask, pos, pixels):
+    """The KV-cached latent loop gives the full-recompute reference's logits, with one forward for the prefix
+    and one per slot column (the last carries the rest of the sequence). Returns the cached run."""
+    import torch
+
+    from mmlatent.model.latent_loop import latent_forward, reference_latent_forward
+
+    with torch.no_grad():
+        fast = latent_forward(model, ids, mask, pos, pixels)
+        slow = reference_latent_forward(model, ids, mask, pos, pixels)
+    assert (fast.logits - slow.logits)[mask.bool()].abs().max() <= 1e-4
+    assert fast.forwards == 1 + int((ids == model.ids.latent).any(0).sum())
+    assert fast.latent_vectors.shape == (int((ids == model.ids.latent).sum()), model.backbone.hidden_size)
+    return fast
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Build the synthetic tokenizer into a session folder, not the user's ~/.cache."""

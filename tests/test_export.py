@@ -9,7 +9,6 @@ and the push flags. Nothing touches the network: sockets are blocked while loadi
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 from pathlib import Path
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 from mmlatent.losses.cross_entropy import weighted_cross_entropy
-from mmlatent.model.latent_loop import latent_forward, reference_latent_forward
+from mmlatent.model.latent_loop import latent_forward
 from mmlatent.model.latent_vlm import LatentVLM
 from mmlatent.model.presets import preset
+from tests.conftest import assert_cached_loop_matches_recompute, latent_block, right_pad
 
 
 def tiny(mode="sketch", **latent) -> LatentVLM:
@@ -20,10 +20,6 @@ def tiny(mode="sketch", **latent) -> LatentVLM:
         setattr(cfg.latent, k, v)
     torch.manual_seed(0)
     return LatentVLM(cfg).eval()
-
-
-def block(model, n):
-    return [model.ids.latent_start, *[model.ids.latent] * n, model.ids.latent_end]
 
 
 def make_batch(model):
@@ -36,17 +32,11 @@ def make_batch(model):
         return torch.randint(10, 300, (n,), generator=g).tolist()
 
     rows = [
-        text(3) + img + text(5) + block(model, 3) + text(9),
-        text(2) + img + text(11) + block(model, 2) + text(4) + block(model, 4) + text(3),
+        text(3) + img + text(5) + latent_block(model, 3) + text(9),
+        text(2) + img + text(11) + latent_block(model, 2) + text(4) + latent_block(model, 4) + text(3),
         text(4) + img + text(12),
     ]
-    L = max(map(len, rows))
-    ids = torch.full((3, L), model.ids.pad)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    pos = torch.arange(L).expand(3, L)
+    ids, mask, pos = right_pad(rows, model.ids.pad)
     pixels = torch.randn(3, 3, 64, 64, generator=g)
     return ids, mask, pos, pixels
 
@@ -54,15 +44,7 @@ def make_batch(model):
 @pytest.mark.parametrize("mode", ["sketch", "thought"])
 def test_kv_cached_loop_equals_full_recompute(mode):
     model = tiny(mode)
-    ids, mask, pos, pixels = make_batch(model)
-    with torch.no_grad():
-        fast = latent_forward(model, ids, mask, pos, pixels)
-        slow = reference_latent_forward(model, ids, mask, pos, pixels)
-    keep = mask.bool()
-    assert (fast.logits - slow.logits)[keep].abs().max() <= 1e-4
-    n_cols = int((ids == model.ids.latent).any(0).sum())
-    assert fast.forwards == 1 + n_cols  # prefix, then one per slot column (the last carries the rest)
-    assert fast.latent_vectors.shape == (int((ids == model.ids.latent).sum()), model.backbone.hidden_size)
+    fast = assert_cached_loop_matches_recompute(model, *make_batch(model))
     if mode == "thought":
         assert fast.selected is not None and fast.selected.shape[0] == fast.latent_vectors.shape[0]
 

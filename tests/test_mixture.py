@@ -16,8 +16,9 @@ from mmlatent.data.batch import collate
 from mmlatent.data.mixture import MixtureConfig, MixtureSource, MixtureStream, ResolvedSource
 from mmlatent.data.processor import Processor, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
+from mmlatent.data.shards import expand_shards
 from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
-from mmlatent.training.datamodule import ShardDataModule, expand_shards
+from mmlatent.training.datamodule import ShardDataModule
 from tests.conftest import REPO
 
 

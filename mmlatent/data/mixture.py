@@ -1,11 +1,11 @@
 """Weighted mixtures of shard sets: one training stream that draws each sample from source i with
 probability weight_i / Σ weights (Monet's six subsets, or Zebra-CoT beside ScienceQA).
 
-`MixtureStream` is a `ShardStream` whose source stage differs: instead of one looped shard list it keeps one
-endless raw-sample stream per shard set (shards drawn with replacement, independently in every rank and
-worker, seeded by (seed, epoch, rank, worker, set)) and picks the set of every next sample by weight. The
-later stages are the shard stream's own (count, shuffle, decode and validate, process, batch, skip counts),
-and `EpochLoader` still cuts every rank's epoch at the same number of batches.
+`MixtureStream` is a `ShardStream` whose first stage is a `MixedSource` (`sources.py`): one endless
+raw-sample sequence per shard set (shards drawn with replacement, independently in every rank and worker,
+seeded by (seed, epoch, rank, worker, set)), and the set of every next sample picked by weight. The later
+stages are the shard stream's own (shuffle, decode and validate, process, batch, skip counts), and
+`EpochLoader` cuts every rank's epoch at the same number of full batches and saves resumable positions.
 
 The trade-off: sampling with replacement at the shard level means a sample can repeat before every
 sample of its set has been seen, but a set never runs dry, small sets need no more shards than workers,
@@ -14,24 +14,15 @@ and the proportions hold at every step rather than only over a whole epoch.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator
-
-import webdataset as wds
+from typing import Callable
 
 from mmlatent.data.batch import collate
-from mmlatent.data.pipeline import (
-    EpochLoader,
-    ShardStream,
-    SkipCounter,
-    attach_skips,
-    decode_samples,
-    process_samples,
-)
+from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor
-from mmlatent.data.tar_reader import tar_samples
+from mmlatent.data.shards import expand_shards, manifest_count, shard_sizes
+from mmlatent.data.sources import MixedSource, WeightedSet
 
 
 @dataclass
@@ -72,8 +63,8 @@ def resolve_sources(cfg: MixtureConfig, expand: Callable[[str, str], list[str]],
                     count: Callable[[str], int | None], field_name: str = "data.mixture") -> list[ResolvedSource]:
     """Expand each source's shards and settle its weight; errors name the offending field.
 
-    `expand(spec, field)` lists a spec's shard URLs and `count(spec)` reads its manifest count (the data
-    module's own `expand_shards` and `manifest_count`).
+    `expand(spec, field)` lists a spec's shard URLs and `count(spec)` reads its manifest count
+    (`shards.expand_shards` and `shards.manifest_count`).
     """
     if not cfg.sources:
         raise ValueError(f"{field_name}.sources is empty: list at least one shard set")
@@ -107,7 +98,7 @@ def epoch_samples(cfg: MixtureConfig, sources: list[ResolvedSource], field_name:
 
 
 class MixtureStream(ShardStream):
-    """A `ShardStream` over several shard sets, each sample drawn from set i with probability ∝ weight i."""
+    """A `ShardStream` whose source is a `MixedSource`: each sample drawn from set i with probability ∝ weight i."""
 
     def __init__(
         self,
@@ -118,62 +109,14 @@ class MixtureStream(ShardStream):
         *,
         shuffle_buffer: int = 500,
         seed: int = 0,
-        max_empty_draws: int | None = None,
+        epoch_samples: int | None = None,
     ):
-        # ShardStream's attributes that its methods (set_epoch, _worker_seed, _shuffle) use
-        self.urls = [u for s in sources for u in s.urls]
-        self.seed, self.epoch, self.resampled, self.loop = seed, 0, True, True
-        self.processor = processor
-        self.counter = SkipCounter()
-        self.sources = sources
-        self.max_empty_draws = max_empty_draws
-        shuffle = shuffle_buffer > 0
-        wds.DataPipeline.__init__(
-            self,
-            # raw samples, each from a set drawn by weight; every set an endless resampled shard stream
-            self._mixed_samples,
-            # (counted, as in ShardStream)
-            lambda src: self.counter.count_raw(src),
-            # raw samples in a locally shuffled order
-            *([lambda src: self._shuffle(src, shuffle_buffer)] if shuffle else []),
-            # parsed, decoded and validated samples
-            lambda src: decode_samples(src, self.counter),
-            # token ids / labels / weights / pixel tensors of the stage's layout
-            lambda src: process_samples(src, processor, self.counter),
-            # padded typed batches
-            wds.batched(batch_size, collation_fn=collate_fn, partial=False),
-            # batches carrying the skip counts
-            lambda src: attach_skips(src, self.counter),
+        """`epoch_samples`: samples that make one epoch (None: endless when iterated directly)."""
+        sets = [WeightedSet(s.name, s.urls, shard_sizes(s.urls), s.weight) for s in sources]
+        super().__init__(
+            [], processor, collate_fn, batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
+            source=MixedSource(sets, seed, epoch_samples),
         )
-
-    def _source_samples(self, i: int) -> Iterator[dict]:
-        """Endless raw samples of set i from shards drawn with replacement.
-
-        Raises when `max_empty_draws` shard draws in a row (default: twice the set's shards, at least 4)
-        gave no sample: every shard of the set is unreadable, and waiting would hang the run.
-        """
-        src = self.sources[i]
-        rng = random.Random(self._worker_seed(1000 + i))
-        limit = self.max_empty_draws or max(4, 2 * len(src.urls))
-        empty = 0
-        while True:
-            got = 0
-            url = src.urls[rng.randrange(len(src.urls))]
-            for raw in tar_samples([{"url": url}], handler=self.counter.tar_handler):
-                got += 1
-                yield raw
-            empty = 0 if got else empty + 1
-            if empty >= limit:
-                raise RuntimeError(f"mixture source {src.name!r}: {empty} shard draws in a row gave no sample; "
-                                   f"its shards seem unreadable (see the skip warnings)")
-
-    def _mixed_samples(self) -> Iterator[dict]:
-        rng = random.Random(self._worker_seed(-1))
-        streams = [self._source_samples(i) for i in range(len(self.sources))]
-        weights = [s.weight for s in self.sources]
-        order = range(len(streams))
-        while True:
-            yield next(streams[rng.choices(order, weights)[0]])
 
 
 def mixture_loader(
@@ -182,17 +125,15 @@ def mixture_loader(
     *,
     batch_size: int,
     num_workers: int,
+    rank: int,
     world_size: int,
     shuffle_buffer: int,
     seed: int,
-    expand: Callable[[str, str], list[str]],
-    count: Callable[[str], int | None],
 ) -> EpochLoader:
-    """The training `EpochLoader` of a mixture: samples-per-epoch ÷ (world size × batch size) batches."""
-    sources = resolve_sources(cfg, expand, count)
+    """The training `EpochLoader` of a mixture: samples-per-epoch ÷ (world size × batch size) full batches."""
+    sources = resolve_sources(cfg, expand_shards, manifest_count)
     samples = epoch_samples(cfg, sources)
-    batches = samples // (world_size * batch_size)
-    if batches < 1:
+    if samples < world_size * batch_size:
         raise ValueError(f"data.mixture: {samples} samples per epoch are fewer than one global batch "
                          f"({world_size} rank(s) × data.batch_size={batch_size})")
     stream = MixtureStream(
@@ -202,5 +143,6 @@ def mixture_loader(
         batch_size,
         shuffle_buffer=shuffle_buffer,
         seed=seed,
+        epoch_samples=samples,
     )
-    return EpochLoader(stream, batches, num_workers)
+    return EpochLoader(stream, num_workers, rank=rank, world_size=world_size)

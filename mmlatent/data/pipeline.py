@@ -1,81 +1,83 @@
-"""The streaming shard reader: one list of webdataset stages from shard URLs to typed batches.
+"""The streaming shard reader: one list of stages from a sample source to typed batches, and the loader
+that cuts it into resumable epochs.
 
-Each stage says what is true after it. Bad data never stops a run and is never lost silently: a tar that
-cannot be read, an undecodable image, a sample that breaks the format or does not fit the sequence limit
-is skipped and counted by reason in the worker's `SkipCounter`; the counts ride along on the next batch
-(`Batch.skipped`) to the trainer, which logs them per epoch. The trade-off: counts arrive with a delay of
-one batch, in exchange for needing no shared memory between worker processes.
+`ShardStream` is the stage list (each stage says what is true after it); its first stage is a sample
+source (`sources.py`): by default every sample once per epoch, cut by a `BatchPlan` into per-rank and
+per-worker ranges; or endless resampled draws; or a weighted mixture of shard sets. The stream reads a
+worker's slots in blocks of `shuffle_buffer`, each block permuted by (seed, epoch, rank, worker, block),
+and closes each planned batch with a marker, so batch boundaries are planned, not counted: a sample that
+turns out bad leaves its batch one smaller, and a batch whose samples are all bad becomes a
+`FillerBatch` (one real sample the trainer weighs by zero), so every rank still takes the same steps.
+Skips are counted by reason (`skips.py`) and ride on the next batch.
 
-Equal steps on every rank: the per-worker stream never runs dry (it loops over its shards, reshuffled
-per pass), and `EpochLoader` cuts each rank's epoch at the same number of batches.
+`EpochLoader` wraps the stream in a `DataLoader`, runs exactly the plan's S steps per epoch on every
+rank, and is stateful the way Lightning expects (`state_dict` / `load_state_dict`): its state is the
+epoch and the steps taken, plus every (rank, worker)'s position derived from the plan. Resuming starts
+each worker at its position (skipping whole shards, then the members before it, and replaying only the
+current shuffle block), so the batches after a resume are exactly those an uninterrupted run would
+have seen.
+
+The trade-off: shuffling is block-local (a block holds the samples of one or two consecutive shards in
+the epoch's shuffled shard order), as with webdataset's shuffle buffer, in exchange for resumable
+positions that are pure functions of (seed, epoch, rank, worker, step).
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import json
 import logging
 import random
 import warnings
-import tarfile
-from collections import Counter
+from dataclasses import dataclass, fields, replace
+from itertools import count, islice
 from typing import Callable, Iterable, Iterator
 
+import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from mmlatent.data.batch import Batch, ProcessedSample
+from mmlatent.data.plan import Remainder
 from mmlatent.data.sample import IMAGE_EXTENSIONS, SampleError, validate_sample
-from mmlatent.data.tar_reader import DamagedTar, tar_samples
+from mmlatent.data.shards import shard_sizes
+from mmlatent.data.skips import KEPT, TAR_EVENTS, SkipCounter
+from mmlatent.data.sources import EpochSource, ResampledSource, WorkerView
+
+__all__ = ["SkipCounter", "KEPT", "TAR_EVENTS", "ShardStream", "EpochLoader", "FillerBatch", "decode_samples",
+           "process_samples", "attach_skips"]
 
 log = logging.getLogger(__name__)
 
 # wds.DataPipeline defines __len__; Lightning then warns that workers may duplicate data. Here every worker
-# reads its own shard slice (split_by_worker) and `EpochLoader` sets the epoch length, so it does not apply.
+# reads its own planned range and `EpochLoader` sets the epoch length, so it does not apply.
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
-
-class SkipCounter:
-    """Counts skipped samples by reason inside one worker; `drain` hands over and resets the counts."""
-
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
-        self.seen = 0
-        """Raw samples read so far (good or bad); lets the shard loop notice a pass that read nothing."""
-
-    def add(self, reason: str, detail: str) -> None:
-        self.counts[reason] += 1
-        log.warning("skipped sample (%s): %s", reason, detail)
-
-    def count_raw(self, src: Iterable[dict]) -> Iterator[dict]:
-        for raw in src:
-            self.seen += 1
-            yield raw
-
-    def drain(self) -> dict[str, int]:
-        out, self.counts = dict(self.counts), Counter()
-        return out
-
-    def tar_handler(self, exn: Exception) -> bool:
-        """webdataset handler for errors while reading tars: count and go on."""
-        if isinstance(exn, DamagedTar):
-            reason = exn.reason
-        elif isinstance(exn, (tarfile.TarError, EOFError, OSError)):
-            reason = "corrupt_tar"
-        else:
-            reason = "read_error"
-        self.add(reason, repr(exn))
-        return True
+FILLER_PROBE_LIMIT = 10_000
+"""Most raw samples read while looking for a sample to build a filler batch from."""
 
 
-def decode_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+class BatchEnd:
+    """Marker closing one planned batch in the stage stream (passes through decode and process)."""
+
+
+@dataclass
+class FillerBatch(Batch):
+    """A batch that stands in for a planned step whose samples were all unusable: one real sample, to be
+    weighted by zero, so that every rank still runs the step (and its collectives)."""
+
+
+def decode_samples(src: Iterable[dict | BatchEnd], counter: SkipCounter) -> Iterator[dict | BatchEnd]:
     """Raw tar members -> {"key", "url", "meta", "images": {ref: RGB PIL image}}, validated.
 
     After this stage every sample's JSON is parsed, every image decoded, and the format (DESIGN §2) holds.
     """
-    import json
-
     for raw in src:
+        if isinstance(raw, BatchEnd):
+            yield raw
+            continue
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
         where = f"{url}:{key}"
         if "json" not in raw:
@@ -90,7 +92,7 @@ def decode_samples(src: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
         try:
             for name, value in raw.items():
                 ref, _, ext = name.rpartition(".")
-                if ext.lower() in IMAGE_EXTENSIONS and ref:
+                if ext.lower() in IMAGE_EXTENSIONS and ref and not name.startswith("__"):
                     images[ref] = _decode_image(value)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             counter.add("bad_image", f"{where}.{name}: {err}")
@@ -109,17 +111,44 @@ def _decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
+def _was_truncated(processor, sample: dict, out: ProcessedSample) -> bool:
+    """Whether the processor cut `sample` to its `max_length` (asked again with the drop policy, only for
+    outputs exactly at the limit: the truncated ones and exact fits)."""
+    cfg = getattr(processor, "cfg", None)
+    if getattr(cfg, "overlong", None) != "truncate" or out.input_ids.numel() != cfg.max_length:
+        return False
+    strict = copy.copy(processor)
+    strict.cfg = replace(cfg, overlong="drop")
+    try:
+        strict(sample)
+    except SampleError as err:
+        return err.reason == "too_long"
+    return False
+
+
 def process_samples(
-    src: Iterable[dict], processor: Callable[[dict], ProcessedSample], counter: SkipCounter
-) -> Iterator[ProcessedSample]:
-    """Decoded samples -> token ids, labels, weights and image tensors (a stage's layout)."""
+    src: Iterable[dict | BatchEnd], processor: Callable[[dict], ProcessedSample], counter: SkipCounter
+) -> Iterator[ProcessedSample | BatchEnd]:
+    """Decoded samples -> token ids, labels, weights and image tensors (a stage's layout).
+
+    Samples over the length limit are dropped (`too_long`) or cut and kept (`truncated`), by the
+    processor's `overlong` policy; both are counted.
+    """
     for sample in src:
+        if isinstance(sample, BatchEnd):
+            yield sample
+            continue
         try:
-            yield processor(sample)
+            out = processor(sample)
         except SampleError as err:
             counter.add(err.reason, f"{sample['url']}:{sample['key']}: {err.detail}")
+            continue
         except (KeyError, ValueError, TypeError) as err:
             counter.add("process_error", f"{sample['url']}:{sample['key']}: {err!r}")
+            continue
+        if _was_truncated(processor, sample, out):
+            counter.add("truncated", f"{sample['url']}:{sample['key']}: cut to {out.input_ids.numel()} tokens")
+        yield out
 
 
 def attach_skips(src: Iterable[Batch], counter: SkipCounter) -> Iterator[Batch]:
@@ -129,11 +158,21 @@ def attach_skips(src: Iterable[Batch], counter: SkipCounter) -> Iterator[Batch]:
         yield batch
 
 
-class ShardStream(wds.DataPipeline):
-    """Per-rank, per-worker stream of batches from WebDataset shards.
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where an `EpochLoader` starts the stream: an epoch of a rank, after `start_step` steps."""
 
-    `resampled=False` (default): each worker loops over its own slice of the shard list, reshuffled every
-    pass, so it never runs dry. `resampled=True`: shards are drawn with replacement (infinite streams).
+    epoch: int
+    rank: int
+    world: int
+    start_step: int
+
+
+class ShardStream(wds.DataPipeline):
+    """Per-rank, per-worker stream of typed batches from WebDataset shards.
+
+    Iterated directly (tests, teacher caching, the demo) it reads as rank 0 of 1, one epoch after another
+    (`loop=True`) or one epoch (`loop=False`); an `EpochLoader` sets the rank and the start of the epoch.
     """
 
     def __init__(
@@ -147,95 +186,239 @@ class ShardStream(wds.DataPipeline):
         shuffle_buffer: int = 500,
         seed: int = 0,
         loop: bool = True,
-        partial_batches: bool = False,
+        partial_batches: bool = True,
+        epoch_samples: int | None = None,
+        source: EpochSource | ResampledSource | None = None,
     ):
-        """`loop=False` reads each shard once; `partial_batches=True` keeps a short last batch (one pass over
-        every sample, e.g. to precompute teacher states)."""
-        self.urls, self.seed, self.epoch, self.resampled, self.loop = urls, seed, 0, resampled, loop
-        self.processor = processor
+        """
+        Args:
+            urls: Shard URLs (ignored when `source` is given).
+            resampled: Draw shards with replacement (endless) instead of exact epochs.
+            shuffle_buffer: Samples per shuffle block; 0 reads in order (shard order too).
+            loop: Direct iteration only: run epoch after epoch (True) or one epoch (False).
+            partial_batches: Exact epochs: plan every sample (the last steps hold smaller batches); False
+                keeps only full batches and leaves the epoch's last N mod (W·B) samples out.
+            epoch_samples: Resampled: samples per epoch (None: the shards' total; endless when iterated
+                directly).
+            source: The first stage (e.g. a `MixedSource`); None builds it from `urls`.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if source is None:
+            sizes = shard_sizes(urls)
+            if resampled:
+                source = ResampledSource(urls, sizes, seed, epoch_samples)
+            else:
+                remainder: Remainder = "spread" if partial_batches else "drop"
+                source = EpochSource(urls, sizes, seed, shuffle=shuffle_buffer > 0, remainder=remainder)
+        self.source = source
+        self.processor, self.collate_fn, self.batch_size = processor, collate_fn, batch_size
+        self.shuffle_buffer, self.seed, self.loop = shuffle_buffer, seed, loop
+        self.epoch = 0
+        self.position: StreamPosition | None = None
         self.counter = SkipCounter()
-        shuffle = shuffle_buffer > 0
+        self._view: WorkerView | None = None
+        self._last: ProcessedSample | None = None
         super().__init__(
-            # shard URLs for this rank and worker (resampled: infinite draws, independent per worker)
-            wds.ResampledShards(urls, seed=seed, deterministic=True) if resampled else self._shard_passes,
-            # tar bytes -> raw samples grouped by key; unreadable tars counted
-            lambda src: tar_samples(src, handler=self.counter.tar_handler),
-            # (the same, counted: lets the shard loop notice a pass that read nothing)
-            lambda src: self.counter.count_raw(src),
-            # raw samples in a locally shuffled order
-            *([lambda src: self._shuffle(src, shuffle_buffer)] if shuffle else []),
-            # parsed, decoded and validated samples
+            # raw samples of this rank's and worker's planned steps, block-shuffled, each batch closed by a marker
+            self._planned,
+            # parsed, decoded and validated samples (bad ones counted and gone)
             lambda src: decode_samples(src, self.counter),
             # token ids / labels / weights / pixel tensors of the stage's layout
             lambda src: process_samples(src, processor, self.counter),
-            # padded typed batches
-            wds.batched(batch_size, collation_fn=collate_fn, partial=partial_batches),
+            # one padded typed batch per planned step (a filler where every sample of the step was bad)
+            lambda src: self._batches(src),
             # batches carrying the skip counts
             lambda src: attach_skips(src, self.counter),
         )
+
+    # ------------------------------------------------------------------------------------- the plan
+
+    def steps(self, world: int = 1) -> int | None:
+        """Steps per epoch of every rank (None: endless)."""
+        return self.source.steps(world, self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if hasattr(self.processor, "set_epoch"):  # e.g. the Coconut curriculum grows with the epoch
             self.processor.set_epoch(epoch)
 
-    def _worker_seed(self, *extra: int) -> int:
-        """A seed unique to (seed, epoch, rank, worker, *extra) and the same on every run."""
-        rank, world, worker, workers = wds.utils.pytorch_worker_info()
-        return hash((self.seed, self.epoch, rank, worker, *extra)) & 0xFFFFFFFF
+    def worker_position(self, epoch: int, rank: int, world: int, worker: int, workers: int, steps_done: int) -> dict:
+        """How far logical worker `worker` of rank `rank` got after `steps_done` steps of `epoch`."""
+        batches = len(range(worker, steps_done, workers))
+        view = WorkerView(epoch, rank, world, worker, workers, self.batch_size)
+        return {"worker": worker, "batches_done": batches, "samples_done": self.source.prefix(view, batches)}
 
-    def _shuffle(self, src: Iterable[dict], bufsize: int) -> Iterator[dict]:
-        return wds.shuffle(bufsize, initial=min(100, bufsize), seed=self._worker_seed())(src)
+    def describe(self) -> dict:
+        """What a saved position depends on (checked when a state is loaded)."""
+        return {**self.source.describe(), "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer}
 
-    def _shard_passes(self) -> Iterator[dict]:
-        """This rank's and worker's shards, reshuffled every pass; endless when `loop`.
+    # ----------------------------------------------------------------------------------- the stages
 
-        A pass that reads no sample at all (every shard unreadable) ends the stream instead of spinning.
+    def _planned(self) -> Iterator[dict | BatchEnd]:
+        info = torch.utils.data.get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        pos = self.position or StreamPosition(self.epoch, 0, 1, 0)
+        single = self.position is not None or not self.loop or self.steps(pos.world) is None
+        start = pos.start_step
+        for epoch in [pos.epoch] if single else count(pos.epoch):
+            if epoch != self.epoch:
+                self.set_epoch(epoch)
+            yield from self._worker_epoch(epoch, pos.rank, pos.world, physical, workers, start)
+            start = 0
+
+    def _worker_epoch(self, epoch: int, rank: int, world: int, physical: int, workers: int, start: int) -> Iterator:
+        """The planned samples and batch ends of one physical worker, from step `start` of the epoch.
+
+        Physical worker p produces steps start + p, start + p + K, …: the steps of logical worker
+        (start + p) mod K from its batch (start + p) // K on, so a `DataLoader` taking batches from its
+        workers in turn yields the steps in order.
         """
-        rank_urls = list(wds.split_by_node([{"url": u} for u in self.urls]))
-        mine = [d["url"] for d in wds.split_by_worker(rank_urls)]
-        passes = 0
-        while mine:
-            seen = self.counter.seen
-            order = list(mine)
-            random.Random(self._worker_seed(passes)).shuffle(order)
-            yield from ({"url": u} for u in order)
-            passes += 1
-            if not self.loop or self.counter.seen == seen:
+        steps = self.steps(world)
+        first_step = start + physical
+        if steps is not None and first_step >= steps:
+            return
+        view = WorkerView(epoch, rank, world, first_step % workers, workers, self.batch_size)
+        self._view, self._last = view, None
+        first = first_step // workers
+        begin = self.source.prefix(view, first)
+        block_size = max(1, self.shuffle_buffer)
+        block = begin // block_size
+        slots = self._shuffled(self.source.slots(view, block * block_size, self.counter), view, block, block_size)
+        slots = islice(slots, begin - block * block_size, None)  # replayed part of the current block
+        for size in self.source.batch_sizes(view, first):
+            for item in islice(slots, size):
+                if item is not None:
+                    yield item
+            yield BatchEnd()
+
+    def _shuffled(self, slots: Iterator, view: WorkerView, block: int, block_size: int) -> Iterator:
+        """`slots` in blocks of `block_size`, each permuted by (seed, epoch, rank, worker, block)."""
+        while True:
+            chunk = list(islice(slots, block_size))
+            if not chunk:
                 return
+            if self.shuffle_buffer > 0:
+                random.Random(f"{self.seed}/{view.epoch}/{view.rank}/{view.worker}/block{block}").shuffle(chunk)
+            yield from chunk
+            block += 1
+
+    def _batches(self, src: Iterable[ProcessedSample | BatchEnd]) -> Iterator[Batch]:
+        current: list[ProcessedSample] = []
+        for item in src:
+            if not isinstance(item, BatchEnd):
+                current.append(item)
+                continue
+            if current:
+                self._last = current[0]
+                yield self.collate_fn(current)
+            else:
+                yield self._filler()
+            current = []
+
+    def _filler(self) -> FillerBatch:
+        """A one-sample batch for a step whose samples were all bad: the worker's last good sample, else the
+        first usable one found reading on from this rank's range."""
+        sample = self._last
+        if sample is None:
+            probe_counter = SkipCounter()  # the probe's reads are not this epoch's skips
+            raw = islice((r for r in self.source.probe(self._view, probe_counter) if r is not None), FILLER_PROBE_LIMIT)
+            found = process_samples(decode_samples(raw, probe_counter), self.processor, probe_counter)
+            sample = next((s for s in found if not isinstance(s, BatchEnd)), None)
+            if sample is None:
+                raise RuntimeError(f"rank {self._view.rank}: a planned batch had no usable sample and none of the next "
+                                   f"{FILLER_PROBE_LIMIT} samples is usable either; see the skip warnings above")
+            self._last = sample
+        batch = self.collate_fn([sample])
+        return FillerBatch(**{f.name: getattr(batch, f.name) for f in fields(Batch)})
 
 
 class EpochLoader:
-    """A DataLoader over a `ShardStream` cut at exactly `batches` batches per epoch on every rank.
+    """A `DataLoader` over a `ShardStream` that runs exactly the plan's steps per epoch on every rank.
 
     Lightning calls `sampler.set_epoch(epoch)` before each epoch; here the "sampler" is this object, which
-    forwards the epoch to the stream so every epoch reshuffles shards differently (the workers receive a
-    fresh copy of the stream at each epoch's start).
+    forwards the epoch to the stream (the workers receive a fresh copy of the stream at each epoch's
+    start). `state_dict` / `load_state_dict` make it a stateful loader Lightning saves in checkpoints.
     """
 
-    def __init__(self, stream: ShardStream, batches: int, num_workers: int):
-        self.stream = stream
-        self.batches = batches
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    def __init__(self, stream: ShardStream, num_workers: int, *, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False):
+        steps = stream.steps(world_size)
+        if steps is None:
+            raise ValueError("an endless stream needs a number of samples per epoch to be cut into epochs")
+        self.stream, self.rank, self.world_size = stream, rank, world_size
+        self.batches = steps
+        self.workers = max(1, num_workers)
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                                 pin_memory=pin_memory)
         # what Lightning inspects on a loader: an iterable dataset (so it never injects a sampler) and
         # a `sampler.set_epoch`
         self.dataset = stream
         self.batch_sampler = None
         self.sampler = self
+        self.epoch = 0
+        self.steps_done = 0
+        """Batches handed out in the current epoch (Lightning fetches without prefetching a sized loader)."""
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         self.stream.set_epoch(epoch)
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self) -> Iterator[Batch]:
+        start = 0
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                start = min(done, self.batches)
+        self.stream.position = StreamPosition(self.epoch, self.rank, self.world_size, start)
+        self.steps_done = start
         it = iter(self.loader)
-        for i in range(self.batches):
+        for i in range(start, self.batches):
             try:
-                yield next(it)
+                batch = next(it)
             except StopIteration:
                 raise RuntimeError(
-                    f"the shard stream ended after {i} of {self.batches} batches: every shard failed to "
-                    f"read or every sample was skipped; see the skip warnings above"
+                    f"rank {self.rank}: the shard stream ended after {i} of {self.batches} planned batches"
                 ) from None
+            self.steps_done = i + 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        """The epoch, the steps taken, and every (rank, logical worker)'s position in its slot sequence."""
+        s = self.stream
+        return {
+            "epoch": self.epoch,
+            "steps_done": self.steps_done,
+            "steps": self.batches,
+            "world_size": self.world_size,
+            "num_workers": self.workers,
+            **s.describe(),
+            "ranks": [
+                [s.worker_position(self.epoch, r, self.world_size, k, self.workers, self.steps_done)
+                 for k in range(self.workers)]
+                for r in range(self.world_size)
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved state: the next epoch `state["epoch"]` starts at step `steps_done`.
+
+        A mid-epoch state must come from the same layout (ranks, workers, batch size, data); a finished
+        epoch's state fits any layout.
+        """
+        if state["steps_done"] < state["steps"]:
+            now = {"world_size": self.world_size, "num_workers": self.workers, **self.stream.describe()}
+            changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+            if changed:
+                detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                raise ValueError(
+                    f"cannot resume the data stream mid-epoch (epoch {state['epoch']}, step {state['steps_done']} of "
+                    f"{state['steps']}) with a different layout ({detail}); resume with the saved settings, or "
+                    f"from a checkpoint taken at an epoch's end"
+                )
+        self._resume = (state["epoch"], state["steps_done"])

@@ -1,24 +1,34 @@
-"""Tar shards to raw samples, noticing the damage `tarfile` hides.
+"""Tar shards to raw samples by position, noticing the damage `tarfile` hides.
 
-Python's `tarfile` in stream mode (what webdataset uses) ends a tar quietly when it meets a corrupt
-header after the first member, or when the file is cut short: every sample after the damage would vanish
-without a trace. This stage reads members with `tarfile` as webdataset does, then checks *why* the tar
-ended: a proper archive ends on a zero block; anything else raises `DamagedTar` (`corrupt_tar` or
-`truncated_tar`), which the caller counts. The samples lost past the damage cannot be counted (their
-headers are gone), so the shard URL and byte offset are logged instead.
+A shard is a sequence of samples: consecutive members sharing a key (`KEY.json`, `KEY.img0.png`, …) form
+one sample, numbered 0, 1, … in file order. The data pipeline plans epochs in these positions, so this
+module offers the two views of a shard that must agree: `count_samples` (from member headers only) and
+`shard_samples` (the samples at positions [start, stop), reading member data only for those).
 
-URL opening (`url_opener`, so `pipe:` and HTTP URLs work) and grouping members into samples
-(`group_by_keys`) are webdataset's own stages.
+Python's `tarfile` in stream mode (what webdataset uses, so `pipe:` and HTTP URLs work) ends a tar quietly
+when it meets a corrupt header after the first member, or when the file is cut short: every sample after
+the damage would vanish without a trace. `shard_samples` checks *why* the tar ended: a proper archive
+ends on a zero block; anything else raises `DamagedTar` (`corrupt_tar` or `truncated_tar`) after the
+samples read before the damage. The caller knows how many samples the shard should hold and counts the
+ones it never received.
+
+The trade-off: a sample starts when the key changes or a member name repeats within a key, exactly as
+in `count_samples`; webdataset would reject a repeated name, here it makes a new sample that validation
+then rejects and counts, so positions never drift between counting and reading.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import tarfile
 from typing import Callable, Iterable, Iterator
 
-from webdataset.tariterators import group_by_keys, url_opener
+from webdataset.gopen import gopen
 
 BLOCK = 512
+
+_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 
 
 class DamagedTar(IOError):
@@ -52,45 +62,118 @@ class TailReader:
         return self.tail[start : start + BLOCK]
 
 
-def checked_members(stream, url: str) -> Iterator[dict]:
-    """Regular-file members of one tar as {"fname", "data", "__url__"}; raises `DamagedTar` at the end."""
-    reader = TailReader(stream)
-    tf = tarfile.open(fileobj=reader, mode="r|*")
-    offset = 0
+def split_name(name: str) -> tuple[str, str] | None:
+    """(key, lower-cased suffix) of a member name as webdataset splits it: `d/K.img0.png` -> (`d/K`, `img0.png`)."""
+    match = _NAME.match(name)
+    return None if match is None else (match.group(1), match.group(2).lower())
+
+
+class _Positions:
+    """Numbers the samples of one shard as members go by: a new sample on a new key or a repeated suffix."""
+
+    def __init__(self) -> None:
+        self.pos, self.key, self.suffixes = -1, None, set()
+
+    def feed(self, key: str, suffix: str) -> bool:
+        """Advance over one member; True when it starts a new sample (then `pos` is that sample's number)."""
+        new = key != self.key or suffix in self.suffixes
+        if new:
+            self.pos, self.key, self.suffixes = self.pos + 1, key, set()
+        self.suffixes.add(suffix)
+        return new
+
+
+def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(info, key, suffix) of the members that belong to samples (regular files, not `__*`, with a suffix)."""
     for info in tf:
-        offset = info.offset_data + -(-info.size // BLOCK) * BLOCK
-        if not info.isreg() or info.name.startswith("__"):
-            continue
-        data = tf.extractfile(info).read()
-        if len(data) != info.size:
-            raise DamagedTar("truncated_tar", url, info.offset_data + len(data))
-        yield {"fname": info.name, "data": data, "__url__": url}
-        tf.members = []  # stream mode: do not keep every TarInfo in memory
-    # tarfile stopped: at the end-of-archive zero block (fine), a bad header, or the end of the bytes
-    end = reader.block_at(offset)
-    if end is None:
-        raise DamagedTar("truncated_tar", url, offset)
-    if end.strip(b"\0"):
-        raise DamagedTar("corrupt_tar", url, offset)
+        if info.isreg() and not info.name.startswith("__"):
+            split = split_name(info.name)
+            if split is not None:
+                yield info, *split
+        tf.members = []  # do not keep every TarInfo in memory
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard, from member headers. A local file is read by seeking past member data.
+
+    The count stops quietly where the archive is damaged (as `tarfile` does); the samples counted are the
+    ones `shard_samples` can at least start to read. An unreadable file counts 0.
+    """
+    positions = _Positions()
+    try:
+        if os.path.isfile(url):
+            with tarfile.open(url, mode="r:*") as tf:
+                for _, key, suffix in _sample_members(tf):
+                    positions.feed(key, suffix)
+        else:
+            stream = gopen(url)
+            try:
+                with tarfile.open(fileobj=stream, mode="r|*") as tf:
+                    for _, key, suffix in _sample_members(tf):
+                        positions.feed(key, suffix)
+            finally:
+                stream.close()
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # damage: keep what was counted (the reader reports it when it gets there)
+    return positions.pos + 1
+
+
+def shard_samples(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Raw samples at positions [start, stop) of one shard: {"__key__", "__url__", "__pos__", suffix: bytes}.
+
+    Members of earlier samples are passed over without copying their data. Raises `DamagedTar` (or the
+    `tarfile`/OS error) after yielding whatever was read before the damage, the damaged sample included.
+    """
+    stream = gopen(url)
+    reader = TailReader(stream)
+    positions = _Positions()
+    current: dict | None = None
+    try:
+        tf = tarfile.open(fileobj=reader, mode="r|*")
+        offset = 0
+        for info, key, suffix in _sample_members(tf):
+            offset = info.offset_data + -(-info.size // BLOCK) * BLOCK
+            if positions.feed(key, suffix):
+                if current is not None:
+                    yield current
+                    current = None
+                if stop is not None and positions.pos >= stop:
+                    return
+            if positions.pos < start:
+                continue
+            try:
+                data = tf.extractfile(info).read()
+            except tarfile.ReadError as err:  # the bytes end inside this member
+                raise DamagedTar("truncated_tar", url, reader.pos) from err
+            if current is None:
+                current = {"__key__": key, "__url__": url, "__pos__": positions.pos}
+            current[suffix] = data
+            if len(data) != info.size:
+                raise DamagedTar("truncated_tar", url, info.offset_data + len(data))
+        # tarfile stopped: at the end-of-archive zero block (fine), a bad header, or the end of the bytes
+        if current is not None:
+            yield current
+            current = None
+        end = reader.block_at(offset)
+        if end is None:
+            raise DamagedTar("truncated_tar", url, offset)
+        if end.strip(b"\0"):
+            raise DamagedTar("corrupt_tar", url, offset)
+    except (tarfile.TarError, OSError, EOFError):
+        if current is not None:
+            yield current  # the sample the damage cut: validation counts what it lacks
+        raise
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
 def tar_samples(src: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """{"url"} dicts -> raw samples {"__key__", "__url__", "json", "img0.png", ...}.
-
-    Samples of a damaged shard read before the damage are kept; the damage itself goes to `handler`.
-    """
-
-    def members() -> Iterator[dict]:
-        for source in url_opener(src, handler=handler):
-            try:
-                yield from checked_members(source["stream"], source["url"])
-            except (tarfile.TarError, OSError, EOFError) as exn:
-                if not handler(exn):
-                    return
-            finally:
-                close = getattr(source["stream"], "close", None)
-                if close is not None:
-                    close()
-            yield {}  # end of shard: never group members of two shards into one sample
-
-    return group_by_keys(members(), handler=handler)
+    """{"url"} dicts -> every raw sample of each shard, in order; damage goes to `handler` (False: stop)."""
+    for item in src:
+        try:
+            yield from shard_samples(item["url"])
+        except (tarfile.TarError, OSError, EOFError) as exn:
+            if not handler(exn):
+                return

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmlatent.model.latent_vlm import LatentVLM

@@ -219,7 +219,7 @@ class NativeBackbone(Backbone):
             vlm = AutoModelForImageTextToText.from_config(hf_cfg, dtype=dtype, attn_implementation=cfg.attn_implementation)
         if vlm.get_input_embeddings().weight.shape[0] < len(tokenizer):  # room for mmlatent's special tokens
             vlm.resize_token_embeddings(len(tokenizer))
-        return vlm
+        return vlm.train()  # `from_pretrained` returns eval mode; a fresh module trains (LatentVLM sets the mode)
 
     def random_config(self, r: RandomNativeConfig, vocab_size: int, image_token_id: int) -> PreTrainedConfig:
         """The transformers config of a random model of this family."""

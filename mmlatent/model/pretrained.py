@@ -8,6 +8,9 @@ with fixed metadata) so saving a loaded model again gives the same bytes:
     model-0000i-of-0000n.safetensors + model.safetensors.index.json past `max_shard_size`
     lm/                            the causal LM as transformers writes it (config.json, safetensors, sharded
                                    the same way), loadable alone with `AutoModelForCausalLM`
+    vlm/                           instead of lm/ for a native backbone (Qwen2.5-VL, LLaVA): the whole
+                                   transformers VLM and its image processor, loadable alone with
+                                   `AutoModelForImageTextToText` / `AutoImageProcessor`
     tokenizer.json, tokenizer_config.json, ...   the tokenizer with mmlatent's special tokens
     image_processor_config.json    the vision tower's eval transform, step by step (informational)
     generation_config.json         mmlatent's `GenerationConfig` (when one is given)
@@ -15,12 +18,13 @@ with fixed metadata) so saving a loaded model again gives the same bytes:
 Trade-off: the LM sits in its own transformers folder instead of in one state dict with the rest. Loading
 then builds it with `AutoModelForCausalLM.from_pretrained`, which reads the exact architecture from its
 `config.json` and its weights straight from safetensors (no random init of a multi-billion-parameter LM that
-is overwritten at once), and any transformers user can load the LM alone. The price is two weight sets in
-one folder. The small rest (vision tower, projector, heads) is built with random init, never downloading
+is overwritten at once), and any transformers user can load the LM alone (a native VLM likewise, from
+`vlm/`). The price is two weight sets in one folder. The small rest (vision tower, projector, heads) is built with random init, never downloading
 pretrained weights, and overwritten from `model.safetensors`.
 
 The written `ModelConfig` is relocatable: `tokenizer.name_or_path` is `"."` (the folder itself),
-`lm.name_or_path` is `"lm"`, `vision.pretrained` is None, revisions are None. The loader resolves those
+`lm.name_or_path` is `"lm"` (native: `native.name_or_path` is `"vlm"` and `native.image_size` is pinned), `vision.pretrained`
+is None, revisions are None. LoRA adapters are merged into the weights before writing. The loader resolves those
 against the folder it reads, so a local folder loads with no network and no file outside it; a Hub id is
 first fetched whole with `snapshot_download`. Weights are read from safetensors only; nothing is unpickled.
 Writes are atomic: everything goes to a temporary folder beside the target, which is renamed into place.
@@ -41,7 +45,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from huggingface_hub import HfApi, get_token, save_torch_state_dict, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -75,6 +78,9 @@ WEIGHTS_INDEX_FILE = WEIGHTS_FILE + ".index.json"
 LM_FOLDER = "lm"
 LM_PREFIX = "backbone.lm."
 """State-dict prefix of the LM inside a `LatentVLM` with a composed backbone (stored in `lm/` instead)."""
+VLM_FOLDER = "vlm"
+VLM_PREFIX = "backbone.vlm."
+"""State-dict prefix of a native backbone's transformers VLM (stored in `vlm/` instead)."""
 TOKENIZER_SOURCE = "."
 IMAGE_PROCESSOR_FILE = "image_processor_config.json"
 GENERATION_FILE = "generation_config.json"
@@ -135,18 +141,34 @@ def _publish_modes(folder: Path) -> None:
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
 
-def portable_config(cfg: ModelConfig) -> ModelConfig:
-    """The config written to `config.json`: every source points inside the folder, nothing to download."""
+def portable_config(cfg: ModelConfig, image_size: int | None = None) -> ModelConfig:
+    """The config written to `config.json`: every source points inside the folder, nothing to download.
+
+    `image_size`: a native backbone's resolved image side, pinned so that a random model's size (taken from
+    `random_init`) survives being loaded back as a saved model.
+    """
     out = copy.deepcopy(cfg)
     out.tokenizer.name_or_path = TOKENIZER_SOURCE
     out.tokenizer.revision = None
+    if cfg.backbone != "composed":
+        out.native.name_or_path = VLM_FOLDER
+        out.native.revision = None
+        out.native.image_size = image_size
+        return out
     out.lm.name_or_path = LM_FOLDER
     out.lm.revision = None
     out.vision.pretrained = None  # the architecture is rebuilt at random init, then the saved weights load
     return out
 
 
+def _backbone_prefix(cfg: ModelConfig) -> str:
+    """State-dict prefix of the weights that live in the transformers subfolder (`lm/` or `vlm/`)."""
+    return LM_PREFIX if cfg.backbone == "composed" else VLM_PREFIX
+
+
 def _check_exportable(model: LatentVLM) -> None:
+    if model.cfg.backbone != "composed":
+        return  # a native VLM is written whole in transformers' layout: nothing outside the folder is needed
     if not isinstance(model.backbone, ComposedBackbone):
         raise ValueError(
             f"save_pretrained writes composed backbones (vision tower + projector + LM); got "
@@ -197,6 +219,20 @@ def image_processor_config(model: LatentVLM) -> dict:
     }
 
 
+def native_image_config(model: LatentVLM) -> dict:
+    """A native backbone's image geometry (informational; the processor itself is in `vlm/`)."""
+    backbone = model.backbone
+    return {
+        "backbone": model.cfg.backbone,
+        "image_size": [backbone.image_size, backbone.image_size],
+        "token_grid": list(backbone.token_grid),
+        "tokens_per_image": model.tokens_per_image,
+        "image_token": model.tokenizer.convert_ids_to_tokens(model.ids.image),
+        "processor": f"{VLM_FOLDER}/preprocessor_config.json",
+        "transform": "resize to image_size x image_size, then the processor (its own resize off where it has one)",
+    }
+
+
 def _clean_tokenizer_config(folder: Path) -> None:
     path = folder / "tokenizer_config.json"
     if path.exists():
@@ -222,7 +258,7 @@ def save_state_dict(state: dict[str, Tensor], folder: Path, max_shard_size: int 
 
 
 def save_lm(lm: PreTrainedModel, folder: Path, max_shard_size: int | str) -> None:
-    """The LM as a transformers folder `AutoModelForCausalLM.from_pretrained` reads: config and weights.
+    """The LM (or a native VLM) as a transformers folder `from_pretrained` reads: config and weights.
 
     The weights go through `save_state_dict` rather than `lm.save_pretrained`, whose assignment of tensors to
     shards is not reproducible between a built and a loaded model. Tied weights (the output head sharing
@@ -250,24 +286,35 @@ def write_model_files(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     generation: GenerationConfig | None = None,
 ) -> list[str]:
-    """Write the model's files into an existing (usually temporary) folder; return their relative paths."""
+    """Write the model's files into an existing (usually temporary) folder; return their relative paths.
+
+    A model with LoRA adapters is written merged (from a merged copy; the model itself is left as it is).
+    """
+    if model.lora is not None:
+        model = copy.deepcopy(model).merge_lora()
     _check_exportable(model)
     folder = Path(folder)
+    native = model.cfg.backbone != "composed"
     write_json(
         folder / CONFIG_FILE,
         {
             "architectures": ["LatentVLM"],
             "format_version": FORMAT_VERSION,
             "library_name": LIBRARY_NAME,
-            "model": to_dict(portable_config(model.cfg)),
+            "model": to_dict(portable_config(model.cfg, image_size=model.backbone.image_size if native else None)),
         },
     )
-    save_lm(model.backbone.lm, folder / LM_FOLDER, max_shard_size)
-    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(LM_PREFIX)}
+    if native:
+        save_lm(model.backbone.vlm, folder / VLM_FOLDER, max_shard_size)
+        model.backbone.image_processor.save_pretrained(str(folder / VLM_FOLDER))
+    else:
+        save_lm(model.backbone.lm, folder / LM_FOLDER, max_shard_size)
+    prefix = _backbone_prefix(model.cfg)
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
     save_state_dict(rest, folder, max_shard_size)
     model.tokenizer.save_pretrained(str(folder))
     _clean_tokenizer_config(folder)
-    write_json(folder / IMAGE_PROCESSOR_FILE, image_processor_config(model))
+    write_json(folder / IMAGE_PROCESSOR_FILE, native_image_config(model) if native else image_processor_config(model))
     if generation is not None:
         write_json(folder / GENERATION_FILE, dataclasses.asdict(generation))
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
@@ -365,6 +412,9 @@ def loading_config(cfg: ModelConfig, folder: Path) -> ModelConfig:
     """`cfg` with its folder-relative sources resolved against `folder` (so nothing is downloaded)."""
     out = copy.deepcopy(cfg)
     out.tokenizer.name_or_path = str(_inside(folder, cfg.tokenizer.name_or_path or TOKENIZER_SOURCE, "tokenizer"))
+    if cfg.backbone != "composed":
+        out.native.name_or_path = str(_inside(folder, cfg.native.name_or_path or VLM_FOLDER, "native"))
+        return out
     out.lm.name_or_path = str(_inside(folder, cfg.lm.name_or_path or LM_FOLDER, "lm"))
     out.vision.pretrained = None
     return out
@@ -409,7 +459,8 @@ def load_pretrained(dir_or_hub_id: str | Path, revision: str | None = None, toke
     folder = resolve_folder(dir_or_hub_id, revision=revision, token=token)
     model = LatentVLM(loading_config(read_config(folder), folder))
     state = read_weights(folder)
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(LM_PREFIX)}
+    prefix = _backbone_prefix(model.cfg)
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(

@@ -1,28 +1,32 @@
 """The LightningDataModule: shard locations in, an `EpochLoader` of typed batches out.
 
 It asks the LightningModule for the processor (tokenizer, image transform and the stage's layout), so
-the data side never guesses what the model wants. Every rank runs the same number of steps per epoch:
-samples ÷ (world size × batch size), with the sample count read from the `manifest.json` that
-`mmlatent data synth` and the converters write, or given explicitly. Settings that cannot work fail at
-start with a message naming the field.
+the data side never guesses what the model wants. Training and evaluation read exact epochs: every
+sample once per epoch across all ranks and workers, every rank the same ⌈N ÷ (W × B)⌉ steps, the last
+step or two holding smaller batches (`epoch_remainder`, see `data/plan.py`). The sample count N is
+counted from the shards themselves; a `manifest.json` count that disagrees is reported. The resampled
+mode and mixtures serve endless streams cut into epochs of `samples ÷ (W × B)` full batches. The train
+loader is stateful, so a checkpoint holds every rank's and worker's position and a resume continues the
+stream where it stopped. Settings that cannot work fail at start with a message naming the field.
 """
 
 from __future__ import annotations
 
-import glob
-import json
-import os
+import logging
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from typing import Literal
 
 import lightning as L
-from braceexpand import braceexpand
+import torch
 
 from mmlatent.data.batch import collate
 from mmlatent.data.mixture import MixtureConfig, mixture_loader
 from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor, ProcessorConfig
+from mmlatent.data.shards import expand_shards, manifest_count
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,36 +37,8 @@ class SplitConfig:
     """A folder of `*.tar` shards, a brace pattern (`data/train/shard-{000000..000009}.tar`), a single
     tar, or a `pipe:`/URL pattern webdataset understands."""
     samples: int | None = None
-    """Samples in the split; None reads it from `manifest.json` in the folder or its parent."""
-
-
-def expand_shards(spec: str, field_name: str) -> list[str]:
-    """Resolve a shard spec to a sorted list of URLs; raises naming `field_name` when nothing matches."""
-    if not spec:
-        raise ValueError(f"{field_name} is empty: give a folder of .tar shards or a brace pattern")
-    if os.path.isdir(spec):
-        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
-    elif "://" in spec or spec.startswith("pipe:"):
-        urls = list(braceexpand(spec))
-    else:
-        urls = [u for u in braceexpand(spec) if os.path.exists(u)]
-    if not urls:
-        raise ValueError(f"{field_name}={spec!r} matches no shard")
-    return urls
-
-
-def manifest_count(spec: str) -> int | None:
-    """The split's sample count from a `manifest.json` beside the shards (folder or its parent)."""
-    folder = Path(spec if os.path.isdir(spec) else os.path.dirname(spec) or ".")
-    for candidate in (folder / "manifest.json", folder.parent / "manifest.json"):
-        if candidate.exists():
-            manifest = json.loads(candidate.read_text())
-            split = manifest.get("splits", {}).get(folder.name)
-            if split is not None:
-                return int(split["written"])
-            if "written" in manifest:
-                return int(manifest["written"])
-    return None
+    """Samples in the split; None reads it from `manifest.json` in the folder or its parent. It sizes the
+    epochs of the resampled mode; exact epochs count the shards' samples and only compare with it."""
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -79,6 +55,8 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         processor: ProcessorConfig = ProcessorConfig(),
         mixture: MixtureConfig | None = None,
+        epoch_remainder: Literal["spread", "drop"] = "spread",
+        pin_memory: bool = True,
     ):
         """
         Args:
@@ -87,12 +65,17 @@ class ShardDataModule(L.LightningDataModule):
             batch_size: Samples per batch on each rank.
             num_workers: Data-loader worker processes per rank (0 reads in the main process).
             shuffle_buffer: Size of the in-memory sample shuffle buffer (0 disables; validation never shuffles).
-            resampled: Draw training shards with replacement (an endless stream, for mixtures and very
-                large corpora) instead of looping over them in reshuffled passes.
-            seed: Seed of shard and sample shuffling.
+            resampled: Draw training shards with replacement (an endless stream, for very large corpora) instead
+                of exact epochs (every sample once per epoch, shards reshuffled per epoch).
+            seed: Seed of shard and sample shuffling (the same on every rank; each rank reads its own range).
             processor: Sequence-length limit and the policy for longer samples.
             mixture: Train on several shard sets drawn by weight (e.g. Monet's six subsets) instead of
                 `train`; each set's shards are drawn with replacement. None: train on `train`.
+            epoch_remainder: Exact epochs whose sample count is not a multiple of ranks × batch size: `spread`
+                trains on every sample, the last step or two of each rank holding smaller batches; `drop`
+                keeps every batch full and leaves the epoch's last N mod (W × B) samples out (they change
+                from epoch to epoch as the shard order is reshuffled). Evaluation always uses `spread`.
+            pin_memory: Pin batches in page-locked memory when training on a GPU (faster host-to-device copies).
         """
         super().__init__()
         self.train_cfg = train
@@ -104,7 +87,11 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.processor_cfg = processor
         self.mixture = mixture
+        self.epoch_remainder = epoch_remainder
+        self.pin_memory = pin_memory
         self._processor: Processor | None = None
+        self._train_loader: EpochLoader | None = None
+        self._train_state: dict | None = None
         self._eval_processor: Processor | None = None
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be at least 1")
@@ -127,47 +114,73 @@ class ShardDataModule(L.LightningDataModule):
     def world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
+    @property
+    def global_rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
     def _loader(self, split: SplitConfig, name: str, train: bool) -> EpochLoader:
         urls = expand_shards(split.shards, f"data.{name}.shards")
-        num_workers = self.num_workers
-        if not train:  # evaluation sets are small: use fewer workers rather than fail
-            num_workers = min(num_workers, max(1, len(urls) // self.world_size))
-        workers = max(1, num_workers)
-        if not (train and self.resampled) and len(urls) < self.world_size * workers:
-            raise ValueError(
-                f"data.{name}.shards has {len(urls)} shard(s) but {self.world_size} rank(s) × {workers} worker(s) "
-                f"each need at least one: write more shards (e.g. `--samples_per_shard` smaller) or lower "
-                f"data.num_workers"
-            )
-        samples = split.samples if split.samples is not None else manifest_count(split.shards)
-        if samples is None:
-            raise ValueError(f"data.{name}.samples is not set and no manifest.json was found beside {split.shards!r}")
-        batches = samples // (self.world_size * self.batch_size)
-        if batches < 1:
-            raise ValueError(
-                f"data.{name}: {samples} samples are fewer than one global batch "
-                f"({self.world_size} rank(s) × data.batch_size={self.batch_size})"
-            )
+        resampled = train and self.resampled
+        manifest = split.samples if split.samples is not None else manifest_count(split.shards)
+        if resampled and manifest is None:
+            raise ValueError(f"data.{name}.samples is not set and no manifest.json was found beside {split.shards!r}: "
+                             f"the resampled mode needs it to size an epoch")
         processor = self._processor if train else self._eval_processor
         stream = ShardStream(
             urls,
             processor,
             partial(collate, pad_id=processor.ids.pad, latent_start_id=processor.ids.latent_start),
             self.batch_size,
-            resampled=train and self.resampled,
+            resampled=resampled,
             shuffle_buffer=self.shuffle_buffer if train else 0,
             seed=self.seed,
+            partial_batches=not train or self.epoch_remainder == "spread",
+            epoch_samples=manifest if resampled else None,
         )
-        return EpochLoader(stream, batches, num_workers)
+        if not resampled:
+            counted = stream.source.samples
+            if manifest is not None and manifest != counted:
+                log.warning("data.%s: the manifest (or data.%s.samples) says %d samples, the shards hold %d readable "
+                            "ones; the epoch plan uses %d", name, name, manifest, counted, counted)
+        try:
+            steps = stream.steps(self.world_size)
+        except ValueError as err:
+            raise ValueError(f"data.{name}.shards={split.shards!r} with {self.world_size} rank(s) × "
+                             f"data.batch_size={self.batch_size}: {err}") from None
+        # more workers than steps would only idle; evaluation sets are small
+        num_workers = min(self.num_workers, steps) if not train else self.num_workers
+        pin = self.pin_memory and torch.cuda.is_available()
+        return EpochLoader(stream, num_workers, rank=self.global_rank, world_size=self.world_size, pin_memory=pin)
 
     def train_dataloader(self) -> EpochLoader:
         if self.mixture is not None:
-            return mixture_loader(
+            loader = mixture_loader(
                 self.mixture, self._processor, batch_size=self.batch_size, num_workers=self.num_workers,
-                world_size=self.world_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
-                expand=expand_shards, count=manifest_count,
+                rank=self.global_rank, world_size=self.world_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
             )
-        return self._loader(self.train_cfg, "train", train=True)
+        else:
+            loader = self._loader(self.train_cfg, "train", train=True)
+        if self._train_state is not None:
+            loader.load_state_dict(self._train_state)
+            self._train_state = None
+        self._train_loader = loader
+        return loader
+
+    # The train stream's position also travels as the data module's state. Lightning hands a stateful
+    # loader its saved state only when the train loader is first built *after* the restore, and
+    # `trainer.estimated_stepping_batches` (our LR schedule's length) builds it before, so that state would
+    # be dropped and a resume would restart the epoch. The data module's state is restored either before
+    # the loader is built or after (strategy dependent); both orders reach the loader.
+
+    def state_dict(self) -> dict:
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("train_loader")
+        if state is not None and self._train_loader is not None:
+            self._train_loader.load_state_dict(state)
+        else:
+            self._train_state = state  # for the loader `train_dataloader` builds next
 
     def _eval_split(self) -> tuple[SplitConfig, str]:
         if self.val_cfg is None:

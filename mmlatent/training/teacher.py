@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     from mmlatent.data.pipeline import ShardStream
     from mmlatent.data.processor import Processor
     from mmlatent.training.checkpoint_io import load_model
-    from mmlatent.training.datamodule import expand_shards, manifest_count
+    from mmlatent.data.shards import expand_shards, manifest_count
     from mmlatent.training.stages import StageConfig, build_stage
 
     ap = argparse.ArgumentParser(

@@ -28,6 +28,7 @@ benchmarks: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/eval_batching.py
 	$(BIN)/python benchmarks/convert.py
+	$(BIN)/python benchmarks/gpu_throughput.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

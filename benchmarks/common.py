@@ -33,7 +33,7 @@ def timeit_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats:
     return statistics.median(times_a), statistics.median(times_b)
 
 
-def latent_batch(model, batch: int, prefix: int, slots: int, suffix: int, seed: int = 0):
+def latent_batch(model, batch: int, prefix: int, slots: int, suffix: int, seed: int = 0, image_size: int = 64):
     """(ids, mask, pos, pixels, labels) with one image in the prefix and one latent block of `slots` slots.
 
     Blocks start at slightly different positions per row (the loop must handle that), and the rows are
@@ -57,6 +57,6 @@ def latent_batch(model, batch: int, prefix: int, slots: int, suffix: int, seed: 
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     pos = torch.arange(L).expand(batch, L)
-    pixels = torch.randn(batch, 3, 64, 64, generator=g)
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
     labels = torch.where(mask.bool() & (ids != ids_.image) & (ids != ids_.latent), ids, torch.full_like(ids, -100))
     return ids, mask, pos, pixels, labels

@@ -50,7 +50,7 @@ def stage_config(name: str, out: Path, data: Path, max_epochs: int | None = None
     trainer["max_steps"] = max_steps
     trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
     for cb in trainer.get("callbacks", []):
-        if cb["class_path"].endswith("ModelCheckpoint"):
+        if cb["class_path"].endswith(("ModelCheckpoint", "LatestCheckpoint")):
             cb["init_args"]["dirpath"] = str(run_dir / "checkpoints")
         if cb["class_path"].endswith("JsonlPredictionWriter"):
             cb["init_args"]["output_dir"] = str(run_dir / "predictions")

@@ -45,14 +45,16 @@ def fit_config(folder: Path, callbacks: list[dict], **trainer) -> Path:
 
 
 def run_fit(folder: Path, data: Path, *args: str, callbacks: list[dict] = (), timeout: int = 240,
-            **trainer) -> subprocess.CompletedProcess:
-    """`python -m mmlatent fit` on the tiny stage 1 over `data/{train,val}` with the test config, one torch
-    thread per process (results do not depend on how many cores the machine has)."""
-    cmd = [sys.executable, "-m", "mmlatent", "fit", "-c", str(STAGE1), "-c", str(fit_config(folder, list(callbacks), **trainer)),
+            launcher: list[str] | None = None, env: dict[str, str] | None = None, **trainer) -> subprocess.CompletedProcess:
+    """`python -m mmlatent fit` (or `launcher`, a command that ends up running it) on the tiny stage 1 over
+    `data/{train,val}` with the test config, one torch thread per process (results do not depend on how
+    many cores the machine has)."""
+    launcher = launcher or [sys.executable, "-m", "mmlatent", "fit"]
+    cmd = [*launcher, "-c", str(STAGE1), "-c", str(fit_config(folder, list(callbacks), **trainer)),
            f"--data.train.shards={data / 'train'}", f"--data.val.shards={data / 'val'}", "--data.batch_size=4",
            "--data.shuffle_buffer=6", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
 
 

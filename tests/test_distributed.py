@@ -6,11 +6,14 @@ equal endless streams."""
 from __future__ import annotations
 
 import io
+import os
+import socket
+import sys
 import tarfile
 
 import pytest
 
-from tests.fit_helpers import recorded_steps, run_fit
+from tests.fit_helpers import REPO, recorded_steps, run_fit
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -64,3 +67,22 @@ def test_ddp_resampled_mode_gives_every_rank_the_same_steps(tmp_path, synth_ddp)
     assert len(ranks[0]) == len(ranks[1]) == 27 // (2 * 4)  # full batches of the manifest's 27 samples
     assert all(3 <= len(s["keys"]) <= 4 for r in ranks for s in r)  # 4 drawn; the bad image may be one of them
     assert [s["keys"] for s in ranks[0]] != [s["keys"] for s in ranks[1]]  # each rank draws its own stream
+
+
+def test_torchrun_launch_script_starts_two_ranks(tmp_path, synth_ddp):
+    """`train/launch/torchrun.sh` as documented (here 2 CPU processes on one node): Lightning picks up the
+    ranks torchrun sets, and the two ranks read disjoint samples."""
+    data, _ = synth_ddp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"GPUS": "2", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}  # torchrun of this environment
+    out = run_fit(tmp_path, data, "--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--data.num_workers=1",
+                  "--trainer.max_steps=2", launcher=["bash", str(REPO / "train" / "launch" / "torchrun.sh")],
+                  env=env, callbacks=[recorder(tmp_path)], timeout=420)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ranks = [recorded_steps(tmp_path, rank) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    keys = [set(k for s in r for k in s["keys"]) for r in ranks]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]

@@ -227,3 +227,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, 
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert all(torch.equal(a["optimizer"][i][n], b["optimizer"][i][n]) for i in a["optimizer"] for n in a["optimizer"][i])
+
+
+def test_last_checkpoint_is_the_latest_state_when_the_monitored_metric_stops_improving(tmp_path, synth_small):
+    """Lightning 2.6 alone would leave last.ckpt at the first epoch here (mode=max on a falling loss: no
+    later top-k save); `LatestCheckpoint` keeps it at the run's last step, which resume and init_from read."""
+    best = {"class_path": "mmlatent.training.checkpointing.LatestCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "best"), "monitor": "val/loss", "mode": "max", "save_top_k": 1,
+                          "save_last": True, "filename": "{epoch}-{step}"}}
+    out = run_fit(tmp_path, synth_small, "--data.num_workers=0", "--trainer.max_epochs=3",
+                  "--trainer.limit_train_batches=2", callbacks=[best], limit_val_batches=1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = torch.load(tmp_path / "best" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 6
+    assert [p.name for p in (tmp_path / "best").glob("epoch=*")] == ["epoch=0-step=2.ckpt"]  # top-k unchanged

@@ -1,4 +1,5 @@
-"""Atomic checkpoint writes: a checkpoint file is either the old complete one or the new complete one.
+"""Atomic checkpoint writes (a checkpoint file is either the old complete one or the new complete one), and a
+`last.ckpt` that is always the run's latest state (`LatestCheckpoint`, below).
 
 `AtomicCheckpointIO` is Lightning's `TorchCheckpointIO` with a different `save_checkpoint`: it writes the
 checkpoint to a hidden temporary file in the same folder (`.NAME.tmp-PID`), flushes and fsyncs it, and
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
@@ -77,3 +79,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any = _to_storage, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's loader with `weights_only=True` unless the caller says otherwise."""
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` whose `last.ckpt` is always the latest state of the run.
+
+    Lightning 2.6 refreshes `last.ckpt` only when a top-k checkpoint is written at the same step. With a
+    monitored metric that stops improving (a validation loss that rises late in a run), or with a step
+    interval that does not divide the run's length, `last.ckpt` falls behind the run, and
+    `--ckpt_path=last`, the next stage's `init_from` and `mmlatent export` would silently take older
+    weights. This callback writes `last.ckpt` at every validation end and at the end of training whenever
+    it is not already the current step; top-k selection (`monitor`, `save_top_k`) is unchanged.
+    """
+
+    def _refresh_last(self, trainer) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer) and trainer.training:
+            self._refresh_last(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not trainer.fast_dev_run and not trainer.sanity_checking:
+            self._refresh_last(trainer)

@@ -5,7 +5,8 @@
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 GPUS=8 bash train/launch/torchrun.sh -c train/configs/qwen2_5_vl_3b/stage1.yaml
 #
 # Every argument after the script is passed to `mmlatent fit` (configs, overrides, --ckpt_path=last to resume).
-# Lightning reads the ranks torchrun sets; --trainer.num_nodes/devices are set here so they always match.
+# Lightning reads the ranks torchrun sets; --trainer.num_nodes/devices are set here, after the configs (a later
+# config would override them), so they always match the processes torchrun starts.
 # Each rank reads its own planned range of the shards (every sample once per epoch, equal steps per rank).
 set -euo pipefail
 NNODES=${NNODES:-1}
@@ -18,4 +19,4 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}   # per process; data-loader worker
 exec torchrun \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m mmlatent fit --trainer.num_nodes="$NNODES" --trainer.devices="$GPUS" "$@"
+  -m mmlatent fit "$@" --trainer.num_nodes="$NNODES" --trainer.devices="$GPUS"

@@ -26,7 +26,7 @@ commands:
   validate   run the validation loop on a checkpoint
   test       run the test loop on a checkpoint
   predict    generate answers for the validation shards
-  data       write shards: `mmlatent data synth --out DIR --train N --val M`
+  data       write shards: `mmlatent data synth --out DIR --train N --val M`, `mmlatent data convert SOURCE ...`
   teacher    precompute a distillation stage's teacher states (`--stage stage2|stage3`)
   eval       score a model on MMMU / ScienceQA: mmlatent eval --task mmmu --data MMMU/MMMU --model CKPT --output OUT
   export     write a Hub-ready folder from a checkpoint: mmlatent export CKPT OUT_DIR [--push-to-hub REPO]

@@ -196,6 +196,25 @@ def test_resave_is_bit_identical(exported, loaded, tmp_path):
     assert [name for name in again if again[name] != first[name]] == []
 
 
+def test_transformers_auto_classes_load_the_folder_with_remote_code(exported, loaded, monkeypatch, tmp_path):
+    """The stretch goal: `AutoModel.from_pretrained(folder, trust_remote_code=True)` gives the same model."""
+    from transformers import AutoConfig, AutoModel
+
+    from mmlatent.model.latent_vlm import LatentVLM
+
+    # transformers copies the folder's code into its modules cache: a private one, not ~/.cache
+    monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
+    out = exported["out"]
+    config = AutoConfig.from_pretrained(str(out), trust_remote_code=True)
+    assert type(config).__name__ == "LatentVLMConfig" and config.model_type == "mmlatent"
+    model = AutoModel.from_pretrained(str(out), trust_remote_code=True)
+    assert isinstance(model, LatentVLM)
+    a, b = loaded.state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never runs the folder's code unasked
+        AutoModel.from_pretrained(str(out))
+
+
 @pytest.mark.parametrize("variant", ["thought-with-heads", "open-clip"])
 def test_round_trip_of_other_model_shapes(variant, tmp_path):
     from mmlatent.model.latent_vlm import LatentVLM

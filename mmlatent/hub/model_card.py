@@ -249,6 +249,10 @@ def card_body(
         "from mmlatent.model.latent_vlm import LatentVLM",
         "",
         f'model = LatentVLM.from_pretrained("{source}")  # a local folder or a Hub id; safetensors only',
+        "",
+        "# or through transformers (the same loader; needs `pip install mmlatent`)",
+        "from transformers import AutoModel",
+        f'model = AutoModel.from_pretrained("{source}", trust_remote_code=True)',
         "```",
         "",
         "`mmlatent.model.generation.generate_from_prompts(model, prompts, pixel_values, cfg)` decodes, text and "

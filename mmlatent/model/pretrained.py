@@ -62,6 +62,7 @@ from transformers import PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
 
 from mmlatent.config_io import from_dict, to_dict
+from mmlatent.hub.remote_code import AUTO_MAP, MODEL_TYPE, remote_code_files
 from mmlatent.model.backbone import ComposedBackbone
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig
@@ -301,6 +302,8 @@ def write_model_files(
             "architectures": ["LatentVLM"],
             "format_version": FORMAT_VERSION,
             "library_name": LIBRARY_NAME,
+            "model_type": MODEL_TYPE,  # with auto_map: transformers' Auto classes load it (trust_remote_code)
+            "auto_map": AUTO_MAP,
             "model": to_dict(portable_config(model.cfg, image_size=model.backbone.image_size if native else None)),
         },
     )
@@ -314,6 +317,8 @@ def write_model_files(
     save_state_dict(rest, folder, max_shard_size)
     model.tokenizer.save_pretrained(str(folder))
     _clean_tokenizer_config(folder)
+    for path in remote_code_files():
+        shutil.copyfile(path, folder / path.name)
     write_json(folder / IMAGE_PROCESSOR_FILE, native_image_config(model) if native else image_processor_config(model))
     if generation is not None:
         write_json(folder / GENERATION_FILE, dataclasses.asdict(generation))

@@ -198,12 +198,13 @@ def test_a_nan_loss_stops_naming_step_and_keys_on_policy_stop(tmp_path, synth_sm
     assert "batch keys: rank 0: ['" in out.stderr
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, synth_small):
-    """Two epochs of 6 steps (23 samples, batch 4, one worker, shuffled): killed with SIGKILL at step 9 (last
-    checkpoint: step 8, mid-epoch), resumed with --ckpt_path=last. Same samples per step, same losses, the
-    same final weights and optimiser state, bit for bit."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, synth_small, workers):
+    """Two epochs of 6 steps (23 samples, batch 4, shuffled, 1 or 2 data-loader workers): killed with SIGKILL at
+    step 9 (last checkpoint: step 8, mid-epoch), resumed with --ckpt_path=last. Same samples per step, same
+    losses, the same final weights and optimiser state, bit for bit."""
     rec = lambda d: {"class_path": "tests.fit_helpers.KeyRecorder", "init_args": {"out": str(d / "keys")}}  # noqa: E731
-    common = ["--data.num_workers=1", "--trainer.max_epochs=2"]
+    common = [f"--data.num_workers={workers}", "--trainer.max_epochs=2"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     out = run_fit(whole, synth_small, *common, callbacks=[rec(whole)])
     assert out.returncode == 0, out.stderr[-3000:]

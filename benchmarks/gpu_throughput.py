@@ -6,8 +6,8 @@ forward per slot column, then the rest). Each step is forward, backward and Adam
 
 - `stage1_tokens_per_s`, `stage3_tokens_per_s`: tokens (every position, slots included) per second.
 - `stage1_mfu`: model FLOPs utilisation of stage 1, with FLOPs per token = 6 × trainable LM parameters
-  (no embeddings) + 12 × layers × width × sequence length (attention) + 2 × vision-tower parameters per
-  image token (frozen tower: forward only), over the GPU's dense bf16 peak. Target ≥ 0.40 on an H100.
+  (no embeddings) + 12 × layers × width × sequence length (attention), plus 2 × vision-tower parameters per
+  patch (frozen tower: forward only), over the GPU's dense bf16 peak. Target ≥ 0.40 on an H100.
 - `stage3_slowdown`: stage-1 tokens/s ÷ stage-3 tokens/s. Target ≤ 1.5.
 
 Run on a GPU: `python benchmarks/gpu_throughput.py` (bf16 autocast, fp32 master weights). On a machine
@@ -115,10 +115,11 @@ def main() -> None:
     lm_cfg = lm.config
     embed = lm.get_input_embeddings().weight.numel()
     lm_params = sum(p.numel() for p in lm.parameters() if p.requires_grad) - embed
-    vision_params = sum(p.numel() for n, p in model.named_parameters() if "vision" in n)
+    vision_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("backbone.vision."))
     L = ids.shape[1]
     flops_per_token = 6 * lm_params + 12 * lm_cfg.num_hidden_layers * lm_cfg.hidden_size * L
-    step_flops = flops_per_token * tokens + 2 * vision_params * T * pixels.shape[0]
+    patches = T * cfg.projector.pixel_shuffle ** 2  # the tower's tokens per image, before the projector merges them
+    step_flops = flops_per_token * tokens + 2 * vision_params * patches * pixels.shape[0]
     peak, gpu = peak_flops(device, args.peak_tflops)
     result = {
         "stage1_tokens_per_s": round(tokens / t1, 1),

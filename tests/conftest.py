@@ -13,6 +13,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def read_samples(out: Path) -> dict[str, dict]:
+    """key -> {"json": dict, "<ref>.<ext>": bytes} from every shard of `out`, in shard order."""
+    import json
+    import tarfile
+
+    samples: dict[str, dict] = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers():
+                key, _, suffix = m.name.partition(".")
+                data = tf.extractfile(m).read()
+                samples.setdefault(key, {})[suffix] = json.loads(data) if suffix == "json" else data
+    return samples
+
+
 def latent_block(model, n: int) -> list[int]:
     """Token ids of one latent block of `n` slots."""
     return [model.ids.latent_start, *[model.ids.latent] * n, model.ids.latent_end]

@@ -4,8 +4,6 @@ placeholders, stringified options parsed, explanation as the chain of thought; b
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from PIL import Image
 
 from mmlatent.data.convert import ConvertOptions, MMMUConfig, convert
 from mmlatent.data.convert.mmmu import parse_list, subject_of
+from tests.conftest import read_samples
 
 IMAGE_COLUMNS = [f"image_{k}" for k in range(1, 8)]
 
@@ -66,17 +65,6 @@ def mmmu_root(tmp_path) -> Path:
                [mmmu("dev_Art_Theory_1", "<image 1> and again <image 1>: which style?", "['Baroque', 'Gothic']", "B",
                      image_1=img(4))])
     return root
-
-
-def read_samples(out: Path) -> dict[str, dict]:
-    samples: dict[str, dict] = {}
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tf:
-            for m in tf.getmembers():
-                key, _, suffix = m.name.partition(".")
-                data = tf.extractfile(m).read()
-                samples.setdefault(key, {})[suffix] = json.loads(data) if suffix == "json" else data
-    return samples
 
 
 def test_dev_split_interleaves_images_and_counts_bad_rows(mmmu_root, tmp_path):

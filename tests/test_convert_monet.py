@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from mmlatent.data.pipeline import SkipCounter, decode_samples
 from mmlatent.data.processor import Processor, SequenceLayout
 from mmlatent.data.tar_reader import tar_samples
 from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
+from tests.conftest import read_samples
 
 T = 4  # image tokens per image in the test processor
 
@@ -84,18 +84,6 @@ def monet_root(tmp_path) -> Path:
     (root / "Zebra_CoT_count" / "train.json").write_text(json.dumps(zebra))
     (root / "README.md").write_text("not data")
     return root
-
-
-def read_samples(out: Path) -> dict[str, dict]:
-    """key -> {"json": dict, "<ref>.<ext>": bytes} from every shard of `out`, in shard order."""
-    samples: dict[str, dict] = {}
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tf:
-            for m in tf.getmembers():
-                key, _, suffix = m.name.partition(".")
-                data = tf.extractfile(m).read()
-                samples.setdefault(key, {})[suffix] = json.loads(data) if suffix == "json" else data
-    return samples
 
 
 def test_good_samples_come_through_and_bad_ones_are_counted_by_reason(monet_root, tmp_path):

@@ -4,8 +4,6 @@ options), lecture and solution as the chain of thought, the answer as a letter; 
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mmlatent.data.convert import ConvertOptions, ScienceQAConfig, convert
+from tests.conftest import read_samples
 
 CATEGORIES = ("task", "grade", "subject", "topic", "category", "skill")
 
@@ -60,17 +59,6 @@ def scienceqa_root(tmp_path) -> Path:
     write_scienceqa(root / "data" / "train-00000-of-00001.parquet", train)
     write_scienceqa(root / "data" / "validation-00000-of-00001.parquet", [sqa("Val?", ["a", "b"], 1)])
     return root
-
-
-def read_samples(out: Path) -> dict[str, dict]:
-    samples: dict[str, dict] = {}
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tf:
-            for m in tf.getmembers():
-                key, _, suffix = m.name.partition(".")
-                data = tf.extractfile(m).read()
-                samples.setdefault(key, {})[suffix] = json.loads(data) if suffix == "json" else data
-    return samples
 
 
 def test_train_split_becomes_letter_answer_sft_samples(scienceqa_root, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 
 from mmlatent.data.convert import ConvertOptions, ZebraCoTConfig, convert
 from mmlatent.data.convert.zebra_cot import ZebraCoTConverter
+from tests.conftest import read_samples
 
 TEXT_COLUMNS = ("Question", "Text Reasoning Trace", "Final Answer")
 
@@ -85,17 +85,6 @@ def zebra_root(tmp_path) -> Path:
     write_zebra(root / "2D Visual Reasoning - Visual Jigsaw" / "train-00000-of-00001.parquet", other,
                 ["problem_image_1", "problem_image_2", "reasoning_image_1"])
     return root
-
-
-def read_samples(out: Path) -> dict[str, dict]:
-    samples: dict[str, dict] = {}
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tf:
-            for m in tf.getmembers():
-                key, _, suffix = m.name.partition(".")
-                data = tf.extractfile(m).read()
-                samples.setdefault(key, {})[suffix] = json.loads(data) if suffix == "json" else data
-    return samples
 
 
 def digest(folder: Path) -> dict[str, str]:

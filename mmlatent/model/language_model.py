@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from mmlatent.model.weight_memory import own_aligned_memory
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,6 +80,7 @@ def load_language_model(cfg: LanguageModelConfig, vocab_size: int) -> PreTrained
             )
         except OSError as err:
             raise ValueError(f"lm.name_or_path={cfg.name_or_path!r} could not be loaded: {err}") from err
+        own_aligned_memory(lm)  # out of the file's buffers: see weight_memory.py
     else:
         r = cfg.random_init
         try:

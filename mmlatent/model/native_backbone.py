@@ -39,6 +39,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from mmlatent.model.backbone import Backbone, LMOutput
 from mmlatent.model.language_model import DTYPES
 from mmlatent.model.tokenizer import SPECIAL
+from mmlatent.model.weight_memory import own_aligned_memory
 
 NativeKind = Literal["qwen2_5_vl", "llava"]
 
@@ -213,6 +214,7 @@ class NativeBackbone(Backbone):
                     f"native.name_or_path={cfg.name_or_path!r} holds a {vlm.config.model_type!r} model; "
                     f"backbone={self.kind!r} needs {self.model_type!r}"
                 )
+            own_aligned_memory(vlm)  # out of the file's buffers: see weight_memory.py
         else:
             image_token = tokenizer.convert_tokens_to_ids(SPECIAL.image)
             hf_cfg = self.random_config(cfg.random_init, vocab_size=len(tokenizer), image_token_id=image_token)

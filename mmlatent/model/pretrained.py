@@ -68,6 +68,7 @@ from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig
 from mmlatent.model.latent_vlm import LatentVLM
 from mmlatent.model.vision_tower import NAME_SCHEMES
+from mmlatent.model.weight_memory import own_aligned_memory
 
 FORMAT_VERSION = 1
 """Version of the folder layout; bump on incompatible changes (the loader refuses newer versions)."""
@@ -480,7 +481,7 @@ def load_pretrained(dir_or_hub_id: str | Path, revision: str | None = None, toke
             )
     # assign=True keeps the stored dtypes (a bf16 save stays bf16); requires_grad stays the module's
     model.load_state_dict(state, strict=False, assign=True)
-    return model.eval()
+    return own_aligned_memory(model).eval()  # out of the file's buffers: see weight_memory.py
 
 
 def load_generation_config(

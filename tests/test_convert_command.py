@@ -34,7 +34,9 @@ def test_convert_command_writes_shards_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary == {"out": str(tmp_path / "out"), "written": 5, "skipped": {"bad_answer": 1}, "shards": 3,
-                       "records": 6}
+                       "records": 6, "skips": str(tmp_path / "out" / "skips.jsonl")}
+    (line,) = map(json.loads, open(tmp_path / "out" / "skips.jsonl"))  # why the skipped record was skipped
+    assert line["reason"] == "bad_answer" and line["row"] == 5 and line["key"] == "scienceqa-train-00000-of-00001-5"
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["options"]["samples_per_shard"] == 2 and manifest["options"]["split"] == "train"
     assert main(args) == 0  # complete: nothing is rewritten

@@ -1,5 +1,8 @@
-"""Monet-SFT JSON (relative image paths) to shards: good samples through, bad ones skipped by reason, and a
-converted sample read back through the stage-2 layout puts its latent block right after the aux image."""
+"""Monet-SFT JSON (the released layout: subset folders, image paths relative to the root) to shards, as Monet's
+own code reads it: good samples through, bad ones skipped by reason and listed in `skips.jsonl`; keys unique
+across subsets converted apart; question images at their markers; the `\\boxed{}` instruction per subset; a
+single JSON file as the source; and a converted sample read back through the stage-2 layout puts its latent
+block right after the aux image."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlatent.data.convert import ConvertOptions, MonetConfig, convert
+from mmlatent.data.convert import ConversionError, ConvertOptions, MonetConfig, convert
 from mmlatent.data.convert.monet import MARKER
 from mmlatent.data.pipeline import SkipCounter, decode_samples
 from mmlatent.data.processor import Processor, SequenceLayout
@@ -38,16 +41,21 @@ def image(p: str) -> dict:
     return {"type": "image", "image": p}
 
 
-def record(sid: int, assistant: list[dict], name: str = "Visual_CoT",
-           question_image: str | None = "Visual_CoT/images/q.png") -> dict:
-    user = ([image(question_image)] if question_image else []) + [text(f"Question {sid}: what does the sign say?")]
+BOXED = "\nPut your final answer within \\boxed{}."
+
+
+def record(sid: int | None, assistant: list[dict], name: str = "Visual_CoT",
+           question_image: str | None = "Visual_CoT/images/q.png", user: list[dict] | None = None) -> dict:
+    if user is None:
+        question = text(f"Question {sid}: what does the sign say?{BOXED}")
+        user = ([image(question_image)] if question_image else []) + [question]
     return {
         "data": [
-            {"role": "system", "content": [text("You are a helpful assistant.")]},
+            {"role": "system", "content": [text("You are a VLM. Think step by step.")]},
             {"role": "user", "content": user},
             {"role": "assistant", "content": assistant},
         ],
-        "metadata": {"dataset_name": name, "sample_id": sid},
+        "metadata": {"dataset_name": name} if sid is None else {"dataset_name": name, "sample_id": sid},
     }
 
 
@@ -59,10 +67,13 @@ GOOD = [
 
 @pytest.fixture()
 def monet_root(tmp_path) -> Path:
+    """Monet-SFT-125K as released: one folder per subset with a `train.json`, image paths relative to the root."""
     root = tmp_path / "Monet-SFT-125K"
     for i, name in enumerate(["q", "a0", "a1", "a2"]):
         save_png(root / "Visual_CoT" / "images" / f"{name}.png", i)
     save_png(root / "Zebra_CoT_count" / "images" / "z.png", 9, size=(300, 120))
+    for i, name in enumerate(["chart_a", "chart_b", "crop"]):
+        save_png(root / "ReFocus" / "images" / f"{name}.png", 20 + i)
     records = [
         record(0, GOOD),
         # two aux images; the observation before the first one is not image-dependent and loses its tags
@@ -82,15 +93,30 @@ def monet_root(tmp_path) -> Path:
                         text("<observation>three</observation> \\boxed{3}")],
                      name="Zebra_CoT_count", question_image=None)]
     (root / "Zebra_CoT_count" / "train.json").write_text(json.dumps(zebra))
+    two_charts = [image("ReFocus/images/chart_a.png"), image("ReFocus/images/chart_b.png"),
+                  text(f"Image A: {MARKER} Image B: {MARKER} Which bar is taller?{BOXED}")]
+    refocus = [
+        # several question images, placed at their markers; the aux image's marker sits mid-text
+        record(0, [text(f"Crop the bars {MARKER} and compare."), image("ReFocus/images/crop.png"),
+                   text("<observation>B is taller</observation>. \\boxed{B}")], name="ReFocus", user=two_charts),
+        record(None, GOOD[:1] + [image("ReFocus/images/crop.png"), GOOD[2]], name="ReFocus",   # no id of its own
+               question_image="ReFocus/images/chart_a.png"),
+        record(0, GOOD[:1] + [image("ReFocus/images/crop.png"), GOOD[2]], name="ReFocus",      # the same id again
+               question_image="ReFocus/images/chart_b.png"),
+    ]
+    (root / "ReFocus" / "train.json").write_text(json.dumps(refocus))
     (root / "README.md").write_text("not data")
     return root
 
 
+def opts(**kw) -> ConvertOptions:
+    return ConvertOptions(**{"image_format": "png", "workers": 0, "progress": False, **kw})
+
+
 def test_good_samples_come_through_and_bad_ones_are_counted_by_reason(monet_root, tmp_path):
     out = tmp_path / "shards"
-    manifest = convert("monet", MonetConfig(source=str(monet_root)), str(out),
-                       ConvertOptions(image_format="png", max_image_size=128, samples_per_shard=2, workers=0,
-                                      progress=False))
+    manifest = convert("monet", MonetConfig(source=str(monet_root), files=["Visual_CoT/*.json", "Zebra_CoT_count/*"]),
+                       str(out), opts(max_image_size=128, samples_per_shard=2))
     assert manifest["written"] == 3 and manifest["records"] == 9
     assert manifest["skipped"] == {"bad_record": 1, "marker_mismatch": 2, "missing_image_file": 1,
                                    "no_observation": 1, "unbalanced_observation": 1}
@@ -99,29 +125,90 @@ def test_good_samples_come_through_and_bad_ones_are_counted_by_reason(monet_root
     assert manifest["options"]["max_image_size"] == 128 and manifest["converter"] == "monet"
 
     samples = read_samples(out)
-    assert list(samples) == ["monet-000000000", "monet-000000001", "monet-000000008"]
-    first = samples["monet-000000000"]["json"]
+    assert list(samples) == ["monet-Visual_CoT-0", "monet-Visual_CoT-1", "monet-Zebra_CoT_count-0"]
+    first = samples["monet-Visual_CoT-0"]["json"]
     assert first["id"] == "Visual_CoT:0" and first["answer"] == "B" and first["source"] == "monet"
     assert [m["role"] for m in first["messages"]] == ["system", "user", "assistant"]
-    assert first["messages"][1]["content"][0] == {"type": "image", "ref": "img0"}
+    assert first["messages"][0]["content"] == [text("You are a helpful assistant.")]  # Monet's system prompt
+    assert first["messages"][1]["content"] == [{"type": "image", "ref": "img0"},
+                                               text("Question 0: what does the sign say?")]  # \boxed{} line removed
     assert first["messages"][2]["content"] == [
         text("Zoom in on the sign."), {"type": "aux_image", "ref": "aux0"},
         text("<observation>The sign says STOP.</observation> So the answer is \\boxed{B}."),
     ]
     # image bytes are the source pixels (PNG re-encode is lossless)
     src = np.asarray(Image.open(monet_root / "Visual_CoT/images/a0.png").convert("RGB"))
-    got = np.asarray(Image.open(io.BytesIO(samples["monet-000000000"]["aux0.png"])))
+    got = np.asarray(Image.open(io.BytesIO(samples["monet-Visual_CoT-0"]["aux0.png"])))
     assert np.array_equal(src, got)
 
-    second = samples["monet-000000001"]["json"]
+    second = samples["monet-Visual_CoT-1"]["json"]
     assistant = second["messages"][2]["content"]
     assert assistant[0] == text("Early guess, check.")  # tags before the first aux image removed
     assert [it.get("ref") for it in assistant if it["type"] == "aux_image"] == ["aux0", "aux1"]
     assert second["answer"] == "\\frac{1}{2}"
 
-    last = samples["monet-000000008"]
+    last = samples["monet-Zebra_CoT_count-0"]
     assert last["json"]["meta"]["dataset_name"] == "Zebra_CoT_count" and "img0.png" not in last
+    assert last["json"]["meta"]["subset"] == "Zebra_CoT_count"
     assert max(Image.open(io.BytesIO(last["aux0.png"])).size) == 128  # 300 px shrunk to max_image_size
+    # Monet keeps the \boxed{} instruction for Zebra_CoT_count (and Zebra_CoT_visual_search) only
+    assert last["json"]["messages"][1]["content"] == [text(f"Question 0: what does the sign say?{BOXED}")]
+
+
+def test_skipped_records_are_listed_in_skips_jsonl(monet_root, tmp_path):
+    out = tmp_path / "shards"
+    manifest = convert("monet", MonetConfig(source=str(monet_root), files=["Visual_CoT/train.json"]), str(out), opts())
+    lines = [json.loads(x) for x in (out / "skips.jsonl").read_text().splitlines()]
+    assert len(lines) == sum(manifest["skipped"].values()) == 6 and manifest["skips_file"] == "skips.jsonl"
+    assert all(set(x) == {"key", "file", "row", "reason", "path", "detail"} for x in lines)
+    missing = next(x for x in lines if x["reason"] == "missing_image_file")
+    assert missing["key"] == "monet-Visual_CoT-2" and missing["file"] == "Visual_CoT/train.json" and missing["row"] == 2
+    assert missing["path"] == str(monet_root / "Visual_CoT/images/missing.png")
+    assert [x["row"] for x in lines] == [2, 3, 4, 5, 6, 7]
+    bad = lines[-1]
+    assert bad["reason"] == "bad_record" and bad["key"] == "monet-Visual_CoT-train-row-7" and bad["path"] is None
+
+
+def test_keys_are_unique_across_subsets_converted_apart_and_stable(monet_root, tmp_path):
+    """`datasets/monet/convert.sh` converts each subset on its own: the keys still never collide."""
+    keys = []
+    for subset in ("Visual_CoT", "Zebra_CoT_count", "ReFocus"):
+        convert("monet", MonetConfig(source=str(monet_root), files=[f"{subset}/train.json"]),
+                str(tmp_path / subset), opts())
+        keys += list(read_samples(tmp_path / subset))
+    assert len(keys) == len(set(keys))
+    assert {"monet-Visual_CoT-0", "monet-Zebra_CoT_count-0", "monet-ReFocus-0"} <= set(keys)  # sample_id 0 thrice
+    assert "monet-ReFocus-train-row-1" in keys  # no id of its own: file and row
+    assert "monet-ReFocus-0-2" in keys  # an id seen twice in one subset: the second gets a suffix
+    again = convert("monet", MonetConfig(source=str(monet_root), files=["ReFocus/train.json"]),
+                    str(tmp_path / "again"), opts())
+    assert again["written"] == 3 and list(read_samples(tmp_path / "again")) == \
+        [k for k in keys if k.startswith("monet-ReFocus")]
+
+
+def test_question_images_go_to_their_markers(monet_root, tmp_path):
+    """`Image A: <marker> Image B: <marker> …`: each question image at its marker, markers removed (Monet's
+    `process_multiple_question_img`); an aux image's marker in mid-text puts the image there too."""
+    out = tmp_path / "refocus"
+    convert("monet", MonetConfig(source=str(monet_root), files=["ReFocus/train.json"]), str(out), opts())
+    sample = read_samples(out)["monet-ReFocus-0"]
+    user, assistant = sample["json"]["messages"][1]["content"], sample["json"]["messages"][2]["content"]
+    assert user == [text("Image A: "), {"type": "image", "ref": "img0"}, text(" Image B: "),
+                    {"type": "image", "ref": "img1"}, text(" Which bar is taller?")]
+    assert all(MARKER not in it.get("text", "") for m in sample["json"]["messages"] for it in m["content"])
+    chart_a = np.asarray(Image.open(monet_root / "ReFocus/images/chart_a.png").convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["img0.png"]))), chart_a)  # A's image at A
+    assert assistant == [text("Crop the bars "), {"type": "aux_image", "ref": "aux0"}, text(" and compare."),
+                         text("<observation>B is taller</observation>. \\boxed{B}")]
+    assert sample["json"]["answer"] == "B"
+
+
+def test_a_question_with_more_markers_than_images_is_skipped(monet_root, tmp_path):
+    user = [image("ReFocus/images/chart_a.png"), text(f"Image A: {MARKER} Image B: {MARKER}")]
+    bad = record(9, GOOD[:1] + [image("ReFocus/images/crop.png"), GOOD[2]], name="ReFocus", user=user)
+    (monet_root / "ReFocus" / "train.json").write_text(json.dumps([bad, bad | {"metadata": {"sample_id": 10}}]))
+    with pytest.raises(ConversionError, match="marker_mismatch"):
+        convert("monet", MonetConfig(source=str(monet_root), files=["ReFocus/train.json"]), str(tmp_path / "o"), opts())
 
 
 def test_one_subset_and_json_lines(monet_root, tmp_path):
@@ -133,7 +220,7 @@ def test_one_subset_and_json_lines(monet_root, tmp_path):
                 ConvertOptions(workers=0, progress=False))
     assert a["written"] == b["written"] == 2 and a["skipped"] == b["skipped"]
     sa, sb = read_samples(tmp_path / "a"), read_samples(tmp_path / "b")
-    assert list(sa) == list(sb) == ["monet-000000000", "monet-000000001"]
+    assert list(sa) == list(sb) == ["monet-Visual_CoT-0", "monet-Visual_CoT-1"]
     for key in sa:
         assert sa[key].pop("json")["meta"].pop("file") == "Visual_CoT/train.json"
         assert sb[key].pop("json")["meta"].pop("file") == "Visual_CoT/train.jsonl"
@@ -185,3 +272,62 @@ def test_hub_id_reads_the_cached_snapshot_offline(monet_root, tmp_path, monkeypa
     assert manifest["written"] == 1
     assert manifest["source"]["kind"] == "hub" and manifest["source"]["revision"] == sha
     assert manifest["source"]["path"] == "NOVAglow646/Monet-SFT-125K"
+
+
+def test_a_single_json_file_reads_images_from_the_dataset_root(monet_root, tmp_path, capsys):
+    """`--source ROOT/ReFocus/train.json`: image paths are relative to ROOT (the default image root), not to
+    the file's folder; a wrong `--image_root` fails loudly, naming the reason and an example record."""
+    from mmlatent.cli import main
+
+    source = str(monet_root / "ReFocus" / "train.json")
+    out = tmp_path / "single"
+    assert main(["data", "convert", "monet", "--source", source, "--out", str(out), "--workers", "0",
+                 "--progress", "false"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["written"] == 3 and summary["skipped"] == {}
+    assert list(read_samples(out))[0] == "monet-ReFocus-0"  # the subset is the file's folder
+
+    wrong = tmp_path / "wrong"
+    assert main(["data", "convert", "monet", "--source", source, "--image_root", str(monet_root / "ReFocus"),
+                 "--out", str(wrong), "--workers", "0", "--progress", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "wrote no samples" in err and "most often for missing_image_file (3 of 3)" in err
+    assert "e.g. record monet-ReFocus-0 (train.json, row 0)" in err and "--image_root" in err
+    assert str(wrong / "skips.jsonl") in err and len((wrong / "skips.jsonl").read_text().splitlines()) == 3
+    assert not (wrong / "manifest.json").exists() and not (wrong / ".staging").exists()
+
+
+def test_an_empty_json_file_fails_and_leaves_no_folder(tmp_path, capsys):
+    from mmlatent.cli import main
+
+    (tmp_path / "Visual_CoT").mkdir()
+    (tmp_path / "Visual_CoT" / "train.json").write_bytes(b"")
+    out = tmp_path / "out"
+    assert main(["data", "convert", "monet", "--source", str(tmp_path / "Visual_CoT" / "train.json"),
+                 "--out", str(out), "--workers", "0", "--progress", "false"]) == 2
+    assert "wrote no samples: the source has no records (train.json" in capsys.readouterr().err
+    assert not out.exists()  # a failed conversion leaves no empty output folder behind
+    assert main(["data", "convert", "monet", "--source", str(tmp_path / "absent"), "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_failed_conversion_leaves_no_staging_folder(monet_root, tmp_path, monkeypatch):
+    from mmlatent.data.convert.monet import MonetConverter
+
+    def broken(self, record, key):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(MonetConverter, "convert", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert("monet", MonetConfig(source=str(monet_root), files=["ReFocus/train.json"]), str(out), opts())
+    assert not out.exists()
+
+
+def test_convert_without_a_source_prints_a_short_usage(capsys):
+    from mmlatent.cli import main
+
+    assert main(["data", "convert", "monet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mmlatent data convert monet --source PATH_OR_HUB_ID --out DIR [options]")
+    assert "required" in err and "source" in err and len(err.splitlines()) <= 4 and "Traceback" not in err

@@ -1,5 +1,6 @@
 """ScienceQA parquet (derek-thomas/ScienceQA layout) to shards: the user turn (image, context, question,
-options), lecture and solution as the chain of thought, the answer as a letter; bad rows counted."""
+options), lecture and solution as the chain of thought, the answer as a letter; bad rows counted; the training
+prompt is the evaluation prompt, character for character."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from mmlatent.data.convert import ConvertOptions, ScienceQAConfig, convert
 from tests.conftest import read_samples
 
 CATEGORIES = ("task", "grade", "subject", "topic", "category", "skill")
+
+KEY = "scienceqa-train-00000-of-00001"
+"""Key prefix of the fixture's train file: keys are `scienceqa-<file>-<row>`."""
 
 
 def png(seed: int, size=(40, 30)) -> bytes:
@@ -69,13 +73,13 @@ def test_train_split_becomes_letter_answer_sft_samples(scienceqa_root, tmp_path)
     assert manifest["written"] == 2
     assert manifest["skipped"] == {"bad_answer": 1, "bad_image": 1, "missing_image_file": 1}
     samples = read_samples(out)
-    first = samples["scienceqa-000000000"]
+    first = samples[f"{KEY}-0"]
     meta = first["json"]
     assert meta["answer"] == "A" and meta["choices"] == ["the car", "the snail"] and meta["source"] == "scienceqa"
     assert meta["messages"][0]["content"] == [
         {"type": "image", "ref": "img0"},
         {"type": "text", "text": "Context: A car and a snail race.\nWhich is faster?\nA. the car\nB. the snail\n"
-                                 "Answer with the option's letter from the given choices."},
+                                 "Answer with the option's letter from the given choices directly."},
     ]
     assert meta["messages"][1]["content"] == [{"type": "text", "text": "Speed is distance over time.\n\n"
                                                "The car covers more ground.\n\nThe answer is A."}]
@@ -83,8 +87,8 @@ def test_train_split_becomes_letter_answer_sft_samples(scienceqa_root, tmp_path)
                             "topic": "physics", "category": "Velocity", "skill": "Compare speeds"}
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(first["img0.png"]))),
                           np.asarray(Image.open(io.BytesIO(png(1)))))
-    text_only = samples["scienceqa-000000001"]["json"]
-    assert text_only["answer"] == "B" and set(samples["scienceqa-000000001"]) == {"json"}
+    text_only = samples[f"{KEY}-1"]["json"]
+    assert text_only["answer"] == "B" and set(samples[f"{KEY}-1"]) == {"json"}
     assert text_only["messages"][0]["content"][0]["text"].startswith("Which word is a noun?\nA. run\nB. dog\nC. blue")
     assert text_only["messages"][1]["content"][0]["text"] == "A dog is a thing.\n\nThe answer is B."
 
@@ -106,3 +110,20 @@ def test_missing_required_column_is_an_error_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="no file matches"):
         convert("scienceqa", ScienceQAConfig(source=str(tmp_path / "s"), split="test"), str(tmp_path / "out"),
                 ConvertOptions(workers=0, progress=False))
+
+
+def test_training_prompt_is_the_evaluation_prompt(scienceqa_root, tmp_path):
+    """The user turn a converted train question carries is what `mmlatent eval` would prompt with."""
+    from mmlatent.evaluation.tasks import load_eval_data
+
+    out = tmp_path / "train"
+    convert("scienceqa", ScienceQAConfig(source=str(scienceqa_root), split="train"), str(out),
+            ConvertOptions(workers=0, progress=False))
+    samples = read_samples(out)
+    data = load_eval_data("scienceqa", str(scienceqa_root), "train")
+    questions = {q.row: q for q in data.questions}
+    for row in (0, 1):  # with an image and a context; text only
+        converted = samples[f"{KEY}-{row}"]["json"]["messages"][0]["content"]
+        as_eval = [{"type": "image", "ref": f"img{k}"} if isinstance(k, int) else {"type": "text", "text": k}
+                   for k in questions[row].content]
+        assert converted == as_eval

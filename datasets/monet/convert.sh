@@ -6,7 +6,9 @@
 #   SRC=/data/Monet-SFT-125K bash datasets/monet/convert.sh          # from a local copy
 #   bash datasets/monet/convert.sh --limit 200                       # extra options go to every conversion
 #
-# Re-running resumes an interrupted subset and skips finished ones.
+# Re-running resumes an interrupted subset and skips finished ones. Sample keys are monet-<subset>-<sample_id>,
+# unique across the six sets, so `mmlatent teacher --shards data/monet/*` caches them together. Why a record
+# was skipped: data/monet/<subset>/skips.jsonl.
 set -euo pipefail
 SRC="${SRC:-NOVAglow646/Monet-SFT-125K}"
 OUT="${OUT:-data/monet}"

@@ -6,7 +6,8 @@
 #   bash datasets/zebra_cot/convert.sh --files '["2D Visual Reasoning - Visual Search/*.parquet"]' \
 #        --out data/zebra_cot_visual_search                                   # one category
 #
-# Re-running resumes an interrupted conversion.
+# Re-running resumes an interrupted conversion. Keys are zebra_cot-<category>-<file>-<row>, so categories
+# converted apart can be mixed and teacher-cached together; skipped records are listed in OUT/skips.jsonl.
 set -euo pipefail
 SRC="${SRC:-multimodal-reasoning-lab/Zebra-CoT}"
 OUT="${OUT:-data/zebra_cot}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from argparse import ArgumentError
+from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
@@ -23,6 +25,8 @@ converters:
   mmmu       MMMU parquet, dev split (interleaved question images; explanation as the chain of thought)
 
 An interrupted conversion resumes where it stopped when run again with the same options.
+Why each skipped record was skipped: one JSON line per record in DIR/skips.jsonl.
+A conversion that writes no sample exits with status 2 and says why.
 Run `mmlatent data convert NAME --help` for a converter's options."""
 
 
@@ -43,7 +47,8 @@ def convert_parser(name: str) -> ArgumentParser:
 
     converter = CONVERTERS[name]
     doc = (sys.modules[converter.__module__].__doc__ or "").strip().split("\n\n")[0]
-    p = ArgumentParser(prog=f"mmlatent data convert {name}", description=doc or None)
+    # exit_on_error=False: a missing or bad option is reported by `convert_main` in two lines, not a usage page
+    p = ArgumentParser(prog=f"mmlatent data convert {name}", description=doc or None, exit_on_error=False)
     p.add_argument("--out", type=str, required=True, help="Output folder (shard-*.tar and manifest.json).")
     p.add_class_arguments(converter.config_class, None)
     p.add_class_arguments(ConvertOptions, None)
@@ -54,6 +59,7 @@ def convert_main(argv: list[str]) -> int:
     from dataclasses import fields
 
     from mmlatent.data.convert import CONVERTERS, ConvertOptions, run_conversion
+    from mmlatent.data.convert.skiplog import SKIPS_FILE
 
     if not argv or argv[0] in ("-h", "--help"):
         print(CONVERT_HELP)
@@ -62,7 +68,13 @@ def convert_main(argv: list[str]) -> int:
     if name not in CONVERTERS:
         print(f"mmlatent data convert: unknown converter {name!r}; choose from {sorted(CONVERTERS)}", file=sys.stderr)
         return 2
-    args = convert_parser(name).parse_args(argv[1:])
+    try:
+        args = convert_parser(name).parse_args(argv[1:])
+    except ArgumentError as err:
+        print(f"usage: mmlatent data convert {name} --source PATH_OR_HUB_ID --out DIR [options]\n"
+              f"mmlatent data convert {name}: {err}\n"
+              f"Run `mmlatent data convert {name} --help` for every option.", file=sys.stderr)
+        return 2
     converter = CONVERTERS[name]
     cfg = converter.config_class(**{f.name: args[f.name] for f in fields(converter.config_class)})
     try:
@@ -72,11 +84,14 @@ def convert_main(argv: list[str]) -> int:
         return 2
     try:
         manifest = run_conversion(converter(cfg), args.out, options)
-    except (ValueError, FileNotFoundError) as err:  # a bad source or option: say which, without a traceback
+    except (ValueError, FileNotFoundError) as err:  # a bad source or option, or nothing written: say why
         print(f"mmlatent data convert {name}: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": args.out, "written": manifest["written"], "skipped": manifest["skipped"],
-                      "shards": len(manifest["shards"]), "records": manifest["records"]}))
+    summary = {"out": args.out, "written": manifest["written"], "skipped": manifest["skipped"],
+               "shards": len(manifest["shards"]), "records": manifest["records"]}
+    if manifest["skipped"]:
+        summary["skips"] = str(Path(args.out) / SKIPS_FILE)  # one line per skipped record: key, file, row, why
+    print(json.dumps(summary))
     return 0
 
 

@@ -43,11 +43,11 @@ from mmlatent.data.batch import Batch, ProcessedSample
 from mmlatent.data.plan import Remainder
 from mmlatent.data.sample import IMAGE_EXTENSIONS, SampleError, validate_sample
 from mmlatent.data.shards import shard_sizes
-from mmlatent.data.skips import KEPT, TAR_EVENTS, SkipCounter
+from mmlatent.data.skips import KEPT, TAR_EVENTS, SkipCounter, SkipSummary
 from mmlatent.data.sources import EpochSource, ResampledSource, WorkerView
 
-__all__ = ["SkipCounter", "KEPT", "TAR_EVENTS", "ShardStream", "EpochLoader", "FillerBatch", "decode_samples",
-           "process_samples", "attach_skips"]
+__all__ = ["SkipCounter", "SkipSummary", "KEPT", "TAR_EVENTS", "ShardStream", "EpochLoader", "FillerBatch",
+           "decode_samples", "process_samples", "attach_skips"]
 
 log = logging.getLogger(__name__)
 

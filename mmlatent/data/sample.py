@@ -43,13 +43,15 @@ _OBSERVATION_TAG = re.compile(re.escape(OBSERVATION_OPEN) + "|" + re.escape(OBSE
 class SampleError(ValueError):
     """A sample that breaks the format. `reason` is a short stable code used for skip counts."""
 
-    def __init__(self, reason: str, detail: str, key: str | None = None):
+    def __init__(self, reason: str, detail: str, key: str | None = None, path: str | None = None):
         self.reason = reason
         """Stable code, e.g. "missing_image"; the key of skip counters."""
         self.detail = detail
         """Human-readable explanation (which field, which ref)."""
         self.key = key
         """Sample key when known."""
+        self.path = path
+        """The file path or column involved (an image a converter could not read), when there is one."""
         super().__init__(f"sample {key if key is not None else '?'}: {reason}: {detail}")
 
 

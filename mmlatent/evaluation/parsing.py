@@ -17,12 +17,13 @@ ScienceQA letters are parsed by the same multiple-choice function.
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import dataclass, field
-from typing import Literal
 
-QuestionType = Literal["multiple-choice", "open"]
+from mmlatent.benchmarks import QuestionType, choice_letters, parse_gold
+
+__all__ = ["Judgement", "QuestionType", "choice_letters", "judge", "parse_gold", "parse_multi_choice_response",
+           "parse_open_response", "eval_multi_choice", "eval_open"]
 
 _STRIP_CHARS = (",", ".", "!", "?", ";", ":", "'")
 """Characters stripped, one after the other, from both ends of a multiple-choice response."""
@@ -36,11 +37,6 @@ _TRIVIAL = (":", ",", ".", "!", "?", ";", ":", "'")
 _NUM_COMMAS = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")
 _NUM_SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
 _NUM_SIMPLE = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
-
-
-def choice_letters(n: int) -> list[str]:
-    """The first `n` option letters: A, B, C, …"""
-    return [chr(ord("A") + i) for i in range(n)]
 
 
 def parse_multi_choice_response(response: str, all_choices: list[str], index2ans: dict[str, str]) -> str | None:
@@ -162,26 +158,6 @@ def eval_open(gold: str | list[str], preds: list[str | float]) -> bool:
         elif pred in norm_answers:
             return True
     return False
-
-
-def parse_gold(answer: object) -> str | list[str] | None:
-    """A dataset answer as the scorer wants it: a string, a list of acceptable strings (MMMU stores some
-    as a stringified Python list), or None when the split hides its answers (MMMU test: "?" or empty)."""
-    if answer is None:
-        return None
-    if isinstance(answer, (list, tuple)):
-        return [str(a) for a in answer]
-    text = str(answer).strip()
-    if text in ("", "?"):
-        return None
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-        if isinstance(value, (list, tuple)):
-            return [str(a) for a in value]
-    return text
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """ScienceQA (the full test set, or its image subset): rows to questions and prompts.
 
-The prompt is the LLaVA / lmms-eval one: the image first when there is one, then `Context: {hint}` when
-the hint is not empty, the question, the options as `A. …` lines and "Answer with the option's letter from
-the given choices directly.". The answer column is the index of the right choice; it becomes a letter and
-the response's letter is parsed by the MMMU multiple-choice parser.
+The prompt is the LLaVA / lmms-eval one, built by `mmlatent.benchmarks` (as for converted ScienceQA training
+data): the image first when there is one, then `Context: {hint}` when the hint is not empty, the question,
+the options as `A. …` lines and "Answer with the option's letter from the given choices directly.". The
+answer column is the index of the right choice; it becomes a letter and the response's letter is parsed by
+the MMMU multiple-choice parser.
 
 Category fields follow the official `get_scores`: `subject`, `grade`, and three context flags, `has_text`
 (hint not empty), `has_image` and `no_context` (neither). The image subset is the questions that have an
@@ -18,22 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mmlatent.benchmarks import letter, scienceqa_content, scienceqa_hint
 from mmlatent.evaluation.metrics import scienceqa_breakdown
-from mmlatent.evaluation.parsing import choice_letters
 from mmlatent.evaluation.question import Question, Task
-
-POST_PROMPT = "Answer with the option's letter from the given choices directly."
-"""Instruction line after the options."""
 
 FULL_CONFIG = "ScienceQA-FULL"
 """Folder (config) name of the full set where a repository holds several configs."""
-
-
-def prompt_text(hint: str, question: str, choices: list[str]) -> str:
-    """Text of the user turn (the image, if any, goes before it)."""
-    context = f"Context: {hint}\n" if hint else ""
-    listed = "\n".join(f"{letter}. {choice}" for letter, choice in zip(choice_letters(len(choices)), choices))
-    return f"{context}{question}\n{listed}\n{POST_PROMPT}"
 
 
 class ScienceQATask(Task):
@@ -61,18 +52,16 @@ class ScienceQATask(Task):
             has_image = bool(has[0])
             if self.subset == "img" and not has_image:
                 continue
-            hint = str(row.get("hint") or "").strip()
-            choices = [str(c) for c in row["choices"]]
-            text = prompt_text(hint, str(row["question"]), choices)
+            hint = scienceqa_hint(row)
             answer = row.get("answer")
             out.append(
                 Question(
                     id=str(row["id"]) if row.get("id") is not None else f"{split}_{row_index}",
                     row=row_index,
-                    content=[0, text] if has_image else [text],
+                    content=scienceqa_content(row, has_image),
                     question_type="multiple-choice",
-                    choices=choices,
-                    gold=None if answer is None or int(answer) < 0 else chr(ord("A") + int(answer)),
+                    choices=[str(c) for c in row["choices"]],
+                    gold=None if answer is None or int(answer) < 0 else letter(int(answer)),
                     fields={
                         "subject": row.get("subject"),
                         "grade": row.get("grade"),

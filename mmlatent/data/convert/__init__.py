@@ -2,13 +2,13 @@
 
 One file per corpus (`monet`, `zebra_cot`, `scienceqa`, `mmmu`) says how a record becomes a sample; the
 shared driver in `common` streams the records, converts them in worker processes, and writes resumable,
-byte-deterministic shards with a `manifest.json`. `CONVERTERS` is the registry the `mmlatent data
-convert NAME` command and the recipes in `datasets/` use.
+byte-deterministic shards with a `manifest.json` and a `skips.jsonl` (one line per skipped record).
+`CONVERTERS` is the registry the `mmlatent data convert NAME` command and the recipes in `datasets/` use.
 """
 
 from __future__ import annotations
 
-from mmlatent.data.convert.common import ConvertOptions, Converter, run_conversion
+from mmlatent.data.convert.common import ConversionError, ConvertOptions, Converter, Record, make_key, run_conversion
 from mmlatent.data.convert.mmmu import MMMUConfig, MMMUConverter
 from mmlatent.data.convert.monet import MonetConfig, MonetConverter
 from mmlatent.data.convert.scienceqa import ScienceQAConfig, ScienceQAConverter
@@ -28,6 +28,6 @@ def convert(name: str, cfg: object, out_dir: str, options: ConvertOptions = Conv
 
 
 __all__ = [
-    "CONVERTERS", "ConvertOptions", "Converter", "MMMUConfig", "MonetConfig", "ScienceQAConfig", "ZebraCoTConfig",
-    "convert", "run_conversion",
+    "CONVERTERS", "ConversionError", "ConvertOptions", "Converter", "MMMUConfig", "MonetConfig", "Record",
+    "ScienceQAConfig", "ZebraCoTConfig", "convert", "make_key", "run_conversion",
 ]

@@ -73,8 +73,8 @@ def load_image_bytes(value: object, root: str | os.PathLike | None, key: str, wh
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise SampleError("missing_image_file", f"{what}: no file {path}", key) from None
-    raise SampleError("missing_image", f"{what}: no image (got {type(value).__name__})", key)
+            raise SampleError("missing_image_file", f"{what}: no file {path}", key, str(path)) from None
+    raise SampleError("missing_image", f"{what}: no image (got {type(value).__name__})", key, what)
 
 
 def reencode(data: bytes, options: ImageOptions, key: str, what: str) -> bytes:
@@ -91,9 +91,9 @@ def reencode(data: bytes, options: ImageOptions, key: str, what: str) -> bytes:
             img.load()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as err:
-        raise SampleError("bad_image", f"{what}: cannot decode ({err})", key) from None
+        raise SampleError("bad_image", f"{what}: cannot decode ({err})", key, what) from None
     if img.width < 1 or img.height < 1:
-        raise SampleError("bad_image", f"{what}: empty image {img.size}", key)
+        raise SampleError("bad_image", f"{what}: empty image {img.size}", key, what)
     rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
     fits = not options.max_size or max(img.size) <= options.max_size
     if img.format == _PIL_FORMAT[options.format] and fits and img.mode in ("RGB", "L") and not (rotated or drafted):

@@ -4,26 +4,31 @@ Columns: `id` (`dev_Accounting_1`), `question`, `options` (a stringified Python 
 `image_1` … `image_7` (HF Image structs or empty), `img_type`, `answer` (a letter for multiple choice, text
 for open questions), `topic_difficulty`, `question_type` (`multiple-choice` or `open`) and `subfield`.
 
-User turn: the question, the options as `A. …` lines and the instruction line, with each `<image k>`
-placeholder (in the question or an option) replaced by the image itself, in place, as MMMU's prompts
-interleave them; an image named twice is shown at its first place only. Assistant turn: the explanation,
-when present, as the chain of thought, then `answer_template` with the answer. Multiple-choice answers
-are letters; open answers keep their text (`answer_template` uses the first of a stringified list).
+User turn: exactly the evaluation's prompt (`mmlatent.benchmarks.mmmu_content`, the one `mmlatent eval`
+scores with): the question, the options as `A. …` lines, a blank line and the instruction, with each
+`<image k>` tag (in the question or an option) replaced by the image itself, in place; an image named twice
+is shown at its first place only, and images the text never names come first. Assistant turn: the
+explanation, when present, as the chain of thought, then `answer_template` with the answer. The `answer`
+field is the letter, or the open answer as the dataset states it (normalised); `answer_template` says the
+first of a stringified list. Sample keys are `mmmu-<id>`.
 
-Skips, counted by reason: `missing_column` (a placeholder names an `image_k` column the file lacks),
-`missing_image` (that column is empty in this row), `bad_options` (not a list), `bad_answer` (a letter
-outside the options), `open_question` when `include_open` is off, `bad_image`. A file without `id`,
-`question`, `options` or `answer` is an error naming the column.
+Skips, counted by reason: `missing_column` (a tag names an `image_k` column the file lacks),
+`missing_image` (that column is empty in this row: training data is kept only with all its pictures),
+`bad_options` (not a list), `bad_answer` (a letter outside the options), `open_question` when
+`include_open` is off, `bad_image`. A file without `id`, `question`, `options` or `answer` is an error naming
+the column.
 """
 
 from __future__ import annotations
 
-import ast
-import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from mmlatent.data.convert.common import Converter, options_block
+from mmlatent.benchmarks import (
+    IMAGE_TAG, MMMU_IMAGE_COLUMNS, mmmu_content, mmmu_options, mmmu_question_type, parse_gold, subject_of,
+)
+from mmlatent.data.convert.answers import normalize_answer
+from mmlatent.data.convert.common import Converter, Record, make_key
 from mmlatent.data.convert.images import convert_image
 from mmlatent.data.convert.sources import SourceInfo, resolve_source
 from mmlatent.data.sample import SampleError
@@ -35,32 +40,10 @@ REQUIRED_COLUMNS = ("id", "question", "options", "answer")
 META_FIELDS = ("subfield", "img_type", "topic_difficulty", "question_type")
 """Columns copied to the sample's `meta` (besides the subject, taken from the id)."""
 
-PLACEHOLDER = re.compile(r"<image (\d+)>")
-"""MMMU's inline image placeholder; group 1 is k of column `image_k`."""
-
-
-def parse_list(value: object) -> list | None:
-    """A list given as a list or as its Python string form (`"['a', 'b']"`); None if it is neither."""
-    if isinstance(value, list):
-        return value
-    if isinstance(value, str):
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            return None
-        return parsed if isinstance(parsed, list) else None
-    return None
-
-
-def subject_of(sample_id: str) -> str:
-    """`dev_Art_Theory_3` -> `Art_Theory`."""
-    parts = sample_id.split("_")
-    return "_".join(parts[1:-1]) if len(parts) > 2 else ""
-
 
 @dataclass
 class MMMUConfig:
-    """Which MMMU split and subjects to convert and how to phrase them."""
+    """Which MMMU split and subjects to convert and how to phrase the answer (the prompt is the evaluation's)."""
 
     source: str
     """A local folder laid out like the Hub repository (one folder per subject holding `SPLIT-*.parquet`,
@@ -73,10 +56,6 @@ class MMMUConfig:
     """Subject folders to read (e.g. `["Accounting", "Art_Theory"]`); empty reads all."""
     include_open: bool = True
     """Keep open (free-answer) questions; off skips them as `open_question`."""
-    mc_instruction: str = "Answer with the option's letter from the given choices directly."
-    """Last line of the user turn of a multiple-choice question (MMMU's prompt)."""
-    open_instruction: str = "Answer the question using a single word or phrase."
-    """Last line of the user turn of an open question (MMMU's prompt)."""
     answer_template: str = "The answer is {answer}."
     """Text that closes the assistant turn; `{answer}` is the letter or the open answer."""
 
@@ -94,34 +73,35 @@ class MMMUConverter(Converter):
     def total(self) -> int | None:
         return self.parquet_total()
 
-    def records(self) -> Iterator[tuple[str, int, dict]]:
+    def records(self) -> Iterator[Record]:
         return self.parquet_records(REQUIRED_COLUMNS, "an MMMU file")
 
-    def convert(self, record: tuple[str, int, dict], key: str) -> RawSample:
+    def key(self, record: Record) -> str:
+        return make_key(self.name, record.data["id"])
+
+    def convert(self, record: Record, key: str) -> RawSample:
         rel, row, data = record
         sample_id = str(data["id"])
         where = f"{rel}#{row} ({sample_id})"
-        options = parse_list(data["options"])
-        if options is None or not all(isinstance(o, str) for o in options):
-            detail = f"{where}: options {str(data['options'])[:60]!r} is not a list of strings"
-            raise SampleError("bad_options", detail, key)
-        qtype = data.get("question_type") or ("multiple-choice" if options else "open")
+        try:
+            options = mmmu_options(data)
+        except ValueError as err:
+            raise SampleError("bad_options", f"{where}: {err}", key, "options") from None
+        qtype = mmmu_question_type(data)
         raw_answer = "" if data["answer"] is None else str(data["answer"]).strip()
         if qtype == "multiple-choice":
             if len(raw_answer) != 1 or not 0 <= ord(raw_answer) - ord("A") < len(options):
                 detail = f"{where}: answer {raw_answer!r} is not a letter of {len(options)} options"
-                raise SampleError("bad_answer", detail, key)
-            said, lines = raw_answer, [options_block(options), self.cfg.mc_instruction]
+                raise SampleError("bad_answer", detail, key, "answer")
+            said = raw_answer
         else:
             if not self.cfg.include_open:
                 raise SampleError("open_question", f"{where}: open question and include_open is off", key)
-            answers = parse_list(raw_answer)
-            said, lines = (str(answers[0]) if answers else raw_answer), [self.cfg.open_instruction]
+            gold = parse_gold(raw_answer)
+            said = (gold[0] if gold else "") if isinstance(gold, list) else (gold or "")
             if not said:
-                raise SampleError("bad_answer", f"{where}: empty answer", key)
-        text = "\n".join([str(data["question"]).strip(), *lines])
-        images: dict[str, bytes] = {}
-        user = self._interleave(text, data, images, rel, where, key)
+                raise SampleError("bad_answer", f"{where}: empty answer", key, "answer")
+        user, images = self._user_turn(data, rel, where, key)
         thought = [(data.get("explanation") or "").strip(), self.cfg.answer_template.format(answer=said)]
         meta = {
             "id": sample_id,
@@ -130,7 +110,7 @@ class MMMUConverter(Converter):
                 {"role": "user", "content": user},
                 {"role": "assistant", "content": [{"type": "text", "text": "\n\n".join(t for t in thought if t)}]},
             ],
-            "answer": raw_answer,
+            "answer": normalize_answer(raw_answer),
             "meta": {"subject": subject_of(sample_id),
                      **{name: data.get(name) for name in META_FIELDS if data.get(name) is not None}},
         }
@@ -138,26 +118,25 @@ class MMMUConverter(Converter):
             meta["choices"] = list(options)
         return RawSample(key=key, meta=meta, images=images)
 
-    def _interleave(self, text: str, data: dict, images: dict[str, bytes], rel: str, where: str,
-                    key: str) -> list[dict]:
-        """Text pieces and images at their `<image k>` placeholders."""
-        items: list[dict] = []
-        placed: set[str] = set()
-        pos = 0
-        for match in PLACEHOLDER.finditer(text):
+    def _user_turn(self, data: dict, rel: str, where: str, key: str) -> tuple[list[dict], dict[str, bytes]]:
+        """The evaluation's user turn as content items, and its images by ref. Every image the prompt names
+        must be there (`missing_column`, `missing_image`)."""
+        present = [data.get(column) is not None for column in MMMU_IMAGE_COLUMNS]
+        text = f"{data['question']} {data['options']}"
+        for match in IMAGE_TAG.finditer(text):
             column = f"image_{match.group(1)}"
-            if column in placed:
-                continue  # keep the placeholder text; the image is shown where it first appears
-            if text[pos : match.start()].strip():
-                items.append({"type": "text", "text": text[pos : match.start()].strip()})
-            pos = match.end()
             if column not in data:
-                raise SampleError("missing_column", f"{where}: the text refers to <{match.group(0)[1:-1]}>, "
-                                                    f"but the file has no column {column}", key)
-            ref = f"img{len(images)}"
+                raise SampleError("missing_column", f"{where}: the text refers to {match.group(0)}, "
+                                                    f"but the file has no column {column}", key, column)
+            if data[column] is None:
+                raise SampleError("missing_image", f"{where}: {match.group(0)} names an empty {column}", key, column)
+        items: list[dict] = []
+        images: dict[str, bytes] = {}
+        for piece in mmmu_content(data, present):
+            if isinstance(piece, str):
+                items.append({"type": "text", "text": piece})
+                continue
+            column, ref = MMMU_IMAGE_COLUMNS[piece], f"img{len(images)}"
             images[ref] = convert_image(data[column], self.folder_of(rel), self.images, key, column)
-            placed.add(column)
             items.append({"type": "image", "ref": ref})
-        if text[pos:].strip():
-            items.append({"type": "text", "text": text[pos:].strip()})
-        return items
+        return items, images

@@ -4,10 +4,12 @@ Columns: `image` (HF Image struct or empty), `question`, `choices` (list of stri
 `choices`), `hint` (the context), `lecture`, `solution`, and the category fields `task`, `grade`,
 `subject`, `topic`, `category`, `skill`.
 
-User turn: the image (when there is one), then `Context: <hint>` (when there is one), the question, the
+User turn: exactly the evaluation's prompt (`mmlatent.benchmarks.scienceqa_content`, the one `mmlatent eval`
+scores with): the image (when there is one), then `Context: <hint>` (when there is one), the question, the
 options as `A. …` lines and the instruction line. Assistant turn: the lecture and the solution, when
 present, as the chain of thought, then `answer_template` with the answer letter. The answer is the letter;
 `choices` keeps the option texts and `meta` the category fields (what the evaluation breaks results down by).
+Sample keys are `scienceqa-<parquet file>-<row>`.
 
 Skips, counted by reason: `bad_answer` (index outside the choices), `bad_record` (choices not a list of
 strings, question not a string), `bad_image`, and `no_image` when `image_only` is set. A file without
@@ -17,9 +19,11 @@ strings, question not a string), `bad_image`, and `no_image` when `image_only` i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Iterator
 
-from mmlatent.data.convert.common import Converter, letter, options_block
+from mmlatent.benchmarks import letter, scienceqa_content
+from mmlatent.data.convert.common import Converter, Record, make_key
 from mmlatent.data.convert.images import convert_image
 from mmlatent.data.convert.sources import SourceInfo, resolve_source
 from mmlatent.data.sample import SampleError
@@ -34,7 +38,7 @@ CATEGORY_FIELDS = ("task", "grade", "subject", "topic", "category", "skill")
 
 @dataclass
 class ScienceQAConfig:
-    """Which ScienceQA split to convert and how to phrase it."""
+    """Which ScienceQA split to convert and how to phrase the answer (the prompt is the evaluation's)."""
 
     source: str
     """A local folder laid out like the Hub repository (parquet files named `SPLIT-*.parquet`, e.g. under
@@ -47,8 +51,6 @@ class ScienceQAConfig:
     """Skip questions without an image (`no_image`); by default text-only questions are kept."""
     use_lecture: bool = True
     """Put the lecture before the solution in the chain of thought."""
-    instruction: str = "Answer with the option's letter from the given choices."
-    """Last line of the user turn."""
     answer_template: str = "The answer is {answer}."
     """Text that closes the assistant turn; `{answer}` is the letter."""
     files: list[str] = field(default_factory=list)
@@ -67,10 +69,13 @@ class ScienceQAConverter(Converter):
     def total(self) -> int | None:
         return self.parquet_total()
 
-    def records(self) -> Iterator[tuple[str, int, dict]]:
+    def records(self) -> Iterator[Record]:
         return self.parquet_records(REQUIRED_COLUMNS, "a ScienceQA file")
 
-    def convert(self, record: tuple[str, int, dict], key: str) -> RawSample:
+    def key(self, record: Record) -> str:
+        return make_key(self.name, PurePosixPath(record.file).stem, record.row)
+
+    def convert(self, record: Record, key: str) -> RawSample:
         rel, row, data = record
         where = f"{rel}#{row}"
         question, choices, answer = data["question"], data["choices"], data["answer"]
@@ -84,15 +89,11 @@ class ScienceQAConverter(Converter):
         image = data.get("image")
         if image is None and self.cfg.image_only:
             raise SampleError("no_image", f"{where}: no image and image_only is set", key)
-        user: list[dict] = []
         images = {}
         if image is not None:
             images["img0"] = convert_image(image, self.folder_of(rel), self.images, key, "image")
-            user.append({"type": "image", "ref": "img0"})
-        hint = (data.get("hint") or "").strip()
-        prompt = [f"Context: {hint}"] if hint else []
-        prompt += [question.strip(), options_block(choices), self.cfg.instruction]
-        user.append({"type": "text", "text": "\n".join(prompt)})
+        user = [{"type": "image", "ref": "img0"} if isinstance(item, int) else {"type": "text", "text": item}
+                for item in scienceqa_content(data, image is not None)]
         thought = [(data.get("lecture") or "").strip()] if self.cfg.use_lecture else []
         thought += [(data.get("solution") or "").strip(), self.cfg.answer_template.format(answer=letter(answer))]
         meta = {

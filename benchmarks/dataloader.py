@@ -56,7 +56,7 @@ def main() -> None:
         steps = [first, *batches][: args.model_steps + 1]
 
         def train_step(batch) -> None:
-            losses = module.stage.losses(model, batch)
+            losses = module.stage.losses(model, batch, module.stage.forward(model, batch))
             loss = torch.stack(list(losses.values())).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return data_main(rest)
     if command == "teacher":
-        from mmlatent.training.teacher import main as teacher_main
+        from mmlatent.training.teacher_command import main as teacher_main
 
         teacher_main(rest)
         return 0

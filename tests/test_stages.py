@@ -14,8 +14,8 @@ from mmlatent.data.pipeline import ShardStream
 from mmlatent.data.processor import Processor
 from mmlatent.losses.alignment import cosine_alignment
 from mmlatent.model.latent_loop import latent_forward
-from mmlatent.training.stages import LatentStage, StageConfig, build_stage, latent_only_alignment
-from mmlatent.training.teacher import TeacherCache, gather_states, target_positions, teacher_states, write_teacher_cache
+from mmlatent.training.stages import STAGES, Direct, Stage1, Stage2, Stage3, StageConfig, build_stage, latent_only_alignment
+from mmlatent.training.teacher import TeacherCache, TeacherConfig, gather_states, target_positions, teacher_states, write_teacher_cache
 
 
 def batches(model, synth_dir, stage_name: str, n: int = 4, teacher: bool = False, split: str = "train"):
@@ -138,8 +138,23 @@ def test_teacher_cache_equals_the_online_teacher(tiny_model, synth_dir, tmp_path
 
 def test_stage_needs_exactly_one_teacher_source():
     with pytest.raises(ValueError, match="stage.teacher"):
-        LatentStage(StageConfig(name="stage2"))
-    assert isinstance(build_stage(StageConfig(name="stage3", align_weight=0.0)), LatentStage)
+        build_stage(StageConfig(name="stage2"))
+    assert isinstance(build_stage(StageConfig(name="stage3", align_weight=0.0)), Stage3)
+
+
+def test_each_stage_name_builds_its_own_class_with_its_weights():
+    assert STAGES == {"stage1": Stage1, "direct": Direct, "stage2": Stage2, "stage3": Stage3}
+    built = {name: build_stage(StageConfig(name=name, align_weight=0.0)) for name in STAGES}
+    assert {n: s.observation_weight for n, s in built.items()} == {"stage1": 2.0, "direct": 1.0, "stage2": 4.0, "stage3": 4.0}
+    assert build_stage(StageConfig(name="stage2", teacher=TeacherConfig(cache="x"))).align_weight == 1.0
+    assert build_stage(StageConfig(name="stage3", teacher=TeacherConfig(cache="x"))).align_weight == 2.0
+    layouts = {n: s.layout(4) for n, s in built.items()}
+    assert {n: l.aux_images for n, l in layouts.items()} == {
+        "stage1": "inline", "direct": "drop", "stage2": "image_then_latent", "stage3": "latent"}
+    assert layouts["direct"].reasoning == "answer_only"
+    assert [s.trains_latent_blocks for s in built.values()] == [False, False, True, True]
+    with pytest.raises(ValueError, match="stage.name='stage4'"):
+        build_stage(StageConfig(name="stage4"))
 
 
 def test_stage3_latent_only_layout_keeps_blocks_and_conclusion(tiny_model, synth_dir):

@@ -37,6 +37,8 @@ class ProcessedSample:
     """Number of tokens before the first assistant token: the generation prompt is `input_ids[:prompt_length]`."""
     answer: str
     """The reference answer (a letter for multiple choice)."""
+    choices: list[str] = field(default_factory=list)
+    """The options in letter order (empty for open questions)."""
     aux_pixel_values: Tensor = field(default_factory=lambda: torch.zeros(0, 3, 1, 1))
     """(N_tgt, 3, H, W) auxiliary images that latent blocks stand for (grounding-loss targets)."""
     aux_blocks: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
@@ -74,6 +76,8 @@ class Batch:
     row b is `input_ids[b, starts[b] : starts[b] + prompt_lengths[b]]`."""
     answers: list[str]
     """Reference answers, length B."""
+    choices: list[list[str]]
+    """Each sample's options in letter order (empty for open questions), length B."""
     aux_pixel_values: Tensor
     """(N_tgt, 3, H, W) grounding targets of latent blocks (aux images), in block order."""
     aux_blocks: Tensor
@@ -144,6 +148,7 @@ def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = 
         prompt_lengths=torch.tensor([s.prompt_length for s in samples], dtype=torch.long),
         starts=starts,
         answers=[s.answer for s in samples],
+        choices=[s.choices for s in samples],
         aux_pixel_values=aux_pixels,
         aux_blocks=aux_blocks,
         block_mask=block_mask,

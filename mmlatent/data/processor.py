@@ -238,6 +238,7 @@ class Processor:
             pixel_values=pixel_values,
             prompt_length=prompt_length,
             answer=str(meta["answer"]),
+            choices=[str(c) for c in meta.get("choices") or []],
             aux_pixel_values=aux,
             aux_blocks=torch.tensor([b for b, _ in targets], dtype=torch.long),
             hidden_spans=torch.tensor(spans, dtype=torch.long).view(-1, 3),

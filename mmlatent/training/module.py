@@ -26,8 +26,9 @@ from torch import Tensor
 
 from mmlatent.config_io import from_dict
 from mmlatent.data.batch import Batch
-from mmlatent.data.pipeline import KEPT, FillerBatch
+from mmlatent.data.pipeline import FillerBatch, SkipSummary
 from mmlatent.data.processor import Processor, ProcessorConfig
+from mmlatent.evaluation.parsing import judge
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig, generate
 from mmlatent.model.latent_vlm import LatentVLM
@@ -37,7 +38,8 @@ from mmlatent.training.checkpoint_io import init_weights
 from mmlatent.training.fault import FaultConfig, StepGuard
 from mmlatent.training.optim import OptimConfig, build_optimizer
 from mmlatent.training.resume import gather_rng_states, set_rng_state
-from mmlatent.training.stages import LatentStage, StageConfig, build_stage
+from mmlatent.training.metrics import observation_accuracy
+from mmlatent.training.stages import StageConfig, build_stage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class LatentVLMModule(L.LightningModule):
         init_from: str | None = None,
         fault: FaultConfig = FaultConfig(),
         acceleration: AccelerationConfig = AccelerationConfig(),
+        val_answers: bool = False,
     ):
         """
         Args:
@@ -65,6 +68,9 @@ class LatentVLMModule(L.LightningModule):
                 (stage hand-off). Resuming this stage itself is `--ckpt_path`, which restores everything.
             fault: What a NaN/Inf loss does: skip the optimiser step (on every rank) or stop naming the batch.
             acceleration: Gradient checkpointing and torch.compile (precision and strategy are Trainer settings).
+            val_answers: Validation also generates every answer from its prompt (`generation` settings) and logs
+                `val/answer_acc`, the share judged right as the benchmarks judge them (multiple choice: the
+                parsed letter). Costs one generation pass over the validation split.
         """
         super().__init__()
         # `load_from_checkpoint` passes the stored plain dicts; defaults are shared objects: keep private copies
@@ -86,6 +92,7 @@ class LatentVLMModule(L.LightningModule):
                 "generation": asdict(self.gen_cfg),
                 "fault": asdict(self.fault_cfg),
                 "acceleration": asdict(self.accel_cfg),
+                "val_answers": val_answers,
             }
         )
         self.model = LatentVLM(self.vlm_cfg)
@@ -101,11 +108,14 @@ class LatentVLMModule(L.LightningModule):
         self.filler_steps = 0
         self._accelerated = False
         self._rng_to_restore: list[dict] | None = None
+        self._observation_counts = torch.zeros(2, dtype=torch.float64)  # (correct, total) of the eval epoch
+        self.val_answers = val_answers
+        self._answer_counts = torch.zeros(2, dtype=torch.float64)  # (correct, judged) of the validation epoch
 
     def build_processor(self, train: bool, cfg: ProcessorConfig | None = None) -> Processor:
         """The data processor matching this model and stage (called by the data module)."""
         slots = self.vlm_cfg.latent.slots
-        teacher = getattr(self.stage, "online_teacher_layout", lambda n: None)(slots)
+        teacher = self.stage.online_teacher_layout(slots)
         return Processor.for_model(self.model, self.stage.layout(slots), cfg or ProcessorConfig(), teacher)
 
     def configure_model(self) -> None:
@@ -113,7 +123,7 @@ class LatentVLMModule(L.LightningModule):
         if self._trainer is not None:
             prepare_ddp(self.trainer.strategy)
         if not self._accelerated:
-            apply_acceleration(self.model, self.accel_cfg, trains_with_kv_cache=isinstance(self.stage, LatentStage))
+            apply_acceleration(self.model, self.accel_cfg, trains_with_kv_cache=self.stage.trains_latent_blocks)
             self._accelerated = True
 
     def on_fit_start(self) -> None:
@@ -124,15 +134,58 @@ class LatentVLMModule(L.LightningModule):
 
     def _step(self, batch: Batch, prefix: str) -> Tensor:
         self.skipped.update(batch.skipped)
-        losses = self.stage.losses(self.model, batch)
+        out = self.stage.forward(self.model, batch)
+        losses = self.stage.losses(self.model, batch, out)
         total = torch.stack(list(losses.values())).sum()
         if isinstance(batch, FillerBatch):  # a stand-in for a step without data: run it, learn nothing, log nothing
             return total * 0.0
-        bs = len(batch)
+        bs, sync = len(batch), prefix != "train"
         for name, value in losses.items():
-            self.log(f"{prefix}/{name}", value, batch_size=bs, sync_dist=prefix != "train")
-        self.log(f"{prefix}/loss", total, prog_bar=True, batch_size=bs, sync_dist=prefix != "train")
+            self.log(f"{prefix}/{name}", value, batch_size=bs, sync_dist=sync)
+        self.log(f"{prefix}/loss", total, prog_bar=True, batch_size=bs, sync_dist=sync)
+        ids = self.model.ids
+        correct, n = observation_accuracy(out.logits.detach(), batch.input_ids, batch.labels, ids.observation_open, ids.observation_close)
+        if prefix == "train":
+            if n:
+                self.log("train/observation_acc", correct / n, batch_size=n)
+        else:  # summed over the epoch (and ranks) and logged once: the token-level accuracy of the split
+            self._observation_counts += torch.tensor([correct, n], dtype=torch.float64)
         return total
+
+    def _log_ratio(self, name: str, counts: Tensor) -> None:
+        """Log `name` = correct / total from (correct, total) counts summed over every rank, if total > 0."""
+        counts = counts.to(self.device)
+        if self._trainer is not None:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        correct, n = counts.tolist()
+        if n:  # the same on every rank after the reduction, so every rank logs or none does
+            self.log(name, correct / n)
+
+    def _log_observation_acc(self, prefix: str) -> None:
+        self._log_ratio(f"{prefix}/observation_acc", self._observation_counts)
+        self._observation_counts = torch.zeros(2, dtype=torch.float64)
+
+    def _count_answers(self, batch: Batch) -> None:
+        """Generate the batch's answers and add (right, judged) to the epoch's counts (`val_answers`)."""
+        outs = generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+        for g, gold, choices in zip(outs, batch.answers, batch.choices):
+            verdict = judge("multiple-choice" if choices else "open", choices, gold, g.text)
+            self._answer_counts += torch.tensor([bool(verdict.correct), 1.0], dtype=torch.float64)
+
+    def on_validation_epoch_start(self) -> None:
+        self._observation_counts = torch.zeros(2, dtype=torch.float64)
+        self._answer_counts = torch.zeros(2, dtype=torch.float64)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_observation_acc("val")
+        if self.val_answers:
+            self._log_ratio("val/answer_acc", self._answer_counts)
+
+    def on_test_epoch_start(self) -> None:
+        self._observation_counts = torch.zeros(2, dtype=torch.float64)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_observation_acc("test")
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         filler = isinstance(batch, FillerBatch)
@@ -150,7 +203,11 @@ class LatentVLMModule(L.LightningModule):
         optimizer.step(closure=lambda: result)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        return None if isinstance(batch, FillerBatch) else self._step(batch, "val")
+        if isinstance(batch, FillerBatch):
+            return None
+        if self.val_answers:
+            self._count_answers(batch)
+        return self._step(batch, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         return None if isinstance(batch, FillerBatch) else self._step(batch, "test")
@@ -170,14 +227,13 @@ class LatentVLMModule(L.LightningModule):
         self.filler_steps = 0
 
     def on_train_epoch_end(self) -> None:
-        skipped = {r: n for r, n in self.skipped.items() if r not in KEPT}
-        total = sum(skipped.values())
-        self.log("data/skipped", float(total), reduce_fx="sum", sync_dist=True)
-        self.log("data/truncated", float(sum(self.skipped[r] for r in KEPT)), reduce_fx="sum", sync_dist=True)
+        summary = SkipSummary.of(self.skipped)
+        for name, value in summary.metrics().items():  # data/skipped (samples), data/damage_events, data/truncated
+            self.log(name, value, reduce_fx="sum", sync_dist=True)
         self.log("data/filler_steps", float(self.filler_steps), reduce_fx="sum", sync_dist=True)
         self.log("train/skipped_steps", float(self.guard.skipped_steps), sync_dist=True)  # the same on every rank
-        if total:
-            log.warning("epoch %d: skipped %d samples by reason %s", self.current_epoch, total, skipped)
+        if summary.message():
+            log.warning("epoch %d: %s", self.current_epoch, summary.message())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Every rank's RNG states (a collective: every rank dumps the checkpoint, rank 0 writes it)."""

@@ -1,6 +1,8 @@
 """Optimiser and learning-rate schedule: the one place both are defined.
 
-AdamW with decoupled weight decay (none on biases, norms and embeddings' gains), linear warm-up then
+AdamW with decoupled weight decay on the weight matrices of linear and convolution layers only (none on
+biases, norm gains, token embeddings, a tied output head, position embeddings, class tokens or learnable
+queries: decaying those pulls lookup tables and positions toward zero), linear warm-up then
 cosine (or constant) decay to `min_lr_ratio × lr`, stepped per optimiser step. Per-module learning-rate
 groups come from `lr_scale`: a parameter whose name starts with a listed prefix gets that multiple of
 `lr` (a scale of 0 freezes it).
@@ -33,7 +35,7 @@ class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.01
-    """Decoupled weight decay on matrices (not on biases or norm gains)."""
+    """Decoupled weight decay on linear and convolution weights (see `decayed_parameters`)."""
     betas: tuple[float, float] = (0.9, 0.98)
     """Adam betas."""
     warmup_steps: int = 20
@@ -46,8 +48,22 @@ class OptimConfig:
     """Per-module learning-rate multiples (first matching prefix wins)."""
 
 
+def decayed_parameters(model: nn.Module) -> set[int]:
+    """`id`s of the parameters that get weight decay: `weight` of `nn.Linear` and convolution layers, unless
+    the same tensor is also an `nn.Embedding`'s (an output head tied to the input embeddings)."""
+    decay, embeddings = set(), set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, nn.Embedding):
+                embeddings.add(id(p))
+            elif name == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                decay.add(id(p))
+    return decay - embeddings
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Group trainable parameters by (lr scale, decay or not)."""
+    decayed = decayed_parameters(model)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -56,7 +72,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         if scale == 0.0:
             p.requires_grad_(False)
             continue
-        decay = p.ndim >= 2
+        decay = id(p) in decayed
         groups.setdefault((scale, decay), []).append(p)
     return [
         {"params": ps, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}

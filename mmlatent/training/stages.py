@@ -1,26 +1,27 @@
 """Training stages: each decides the sequence layout its data gets and which losses apply.
 
-A stage is a small object with `layout()` (what the processor renders: inline auxiliary images, latent
-blocks, or the answer alone) and `losses(model, batch)` (a dict of named `*_loss` tensors, already
-weighted). The Lightning module sums whatever a stage returns and logs each term, so adding a stage never
-touches the training loop.
+One small class per stage: `layout()` (what the processor renders: inline auxiliary images, latent
+blocks, or the answer alone), `forward(model, batch)` (the model's forward in that layout) and
+`losses(model, batch, out)` (a dict of named `*_loss` tensors, already weighted). The Lightning module sums
+whatever a stage returns, logs each term and computes its metrics from the same forward, so adding a stage
+never touches the training loop. `STAGES` maps `stage.name` to the class.
 
-- `stage1` (warm-up SFT, the teacher): the full interleaved chain of thought with auxiliary images inline;
+- `stage1` (`Stage1`, warm-up SFT, the teacher): the full interleaved chain of thought with auxiliary images inline;
   cross-entropy on assistant tokens, observation tokens ×2.
-- `stage2` (latent distillation): after each aux image comes a latent block, and a 4D mask hides the image
+- `stage2` (`Stage2`, latent distillation): after each aux image comes a latent block, and a 4D mask hides the image
   from everything after the block. CE (observation ×4) + alignment of the student's hidden states at
   observation tokens with the stage-1 teacher's, whose gradient reaches the weights only through the
   latent vectors (`latent_only_alignment`).
-- `stage3` (latent only): each aux image is replaced by a latent block. CE (observation ×4) + 2.0 ×
+- `stage3` (`Stage3`, latent only): each aux image is replaced by a latent block. CE (observation ×4) + 2.0 ×
   alignment of the hidden states at the latent slots with stage 2's.
-- `direct` (the baseline): the same question, answered at once; plain cross-entropy.
-Stages 2 and 3 can add the grounding losses of `grounding.py`.
+- `direct` (`Direct`, the baseline): the same question, answered at once; plain cross-entropy.
+Stages 2 and 3 share `_Distillation` (teacher, alignment, grounding losses of `grounding.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ from mmlatent.data.batch import Batch
 from mmlatent.data.processor import SequenceLayout
 from mmlatent.losses.alignment import cosine_alignment
 from mmlatent.losses.cross_entropy import weighted_cross_entropy
+from mmlatent.model.backbone import LMOutput
 from mmlatent.model.latent_loop import LatentForward, latent_forward
 from mmlatent.model.latent_vlm import LatentVLM
 from mmlatent.training.grounding import GroundingConfig, grounding_losses
@@ -66,9 +68,12 @@ class StageConfig:
 
 
 class Stage:
-    """Base class: a layout and a set of losses."""
+    """A layout and a set of losses. Subclasses set `name` and `default_observation_weight`."""
 
-    default_observation_weight = 1.0
+    name: ClassVar[str]
+    """The `stage.name` that selects this class."""
+    default_observation_weight: ClassVar[float] = 1.0
+    """Observation-token weight when `stage.observation_weight` is None."""
 
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
@@ -82,11 +87,21 @@ class Stage:
         """The layout of this stage's training data (`latent_slots`: the model's N)."""
         raise NotImplementedError
 
-    def teacher_layout(self, latent_slots: int) -> SequenceLayout | None:
-        """The layout the online teacher reads (None: no teacher)."""
+    def online_teacher_layout(self, latent_slots: int) -> SequenceLayout | None:
+        """The view an online teacher reads, which the processor must also render (None: no online teacher)."""
         return None
 
-    def losses(self, model: LatentVLM, batch: Batch) -> dict[str, Tensor]:
+    @property
+    def trains_latent_blocks(self) -> bool:
+        """Whether the forward runs the KV-cached latent loop (acceleration must keep the cache usable)."""
+        return False
+
+    def forward(self, model: LatentVLM, batch: Batch):
+        """The model's forward over the batch in this stage's layout (an output with `.logits`)."""
+        raise NotImplementedError
+
+    def losses(self, model: LatentVLM, batch: Batch, out) -> dict[str, Tensor]:
+        """Named, weighted `*_loss` terms from the batch and the forward's output."""
         raise NotImplementedError
 
     def to(self, device: torch.device) -> "Stage":
@@ -94,27 +109,36 @@ class Stage:
         return self
 
 
-class SFTStage(Stage):
-    """Stage 1 and the direct baseline: teacher-forced cross-entropy over the rendered chat."""
+class Stage1(Stage):
+    """Warm-up SFT (the teacher): the full interleaved chain of thought, aux images inline, observation ×2."""
 
-    @property
-    def default_observation_weight(self) -> float:
-        return 1.0 if self.cfg.name == "direct" else 2.0
+    name = "stage1"
+    default_observation_weight = 2.0
 
     def layout(self, latent_slots: int) -> SequenceLayout:
-        if self.cfg.name == "direct":
-            return SequenceLayout(
-                aux_images="drop", reasoning="answer_only", observation_weight=1.0,
-                answer_template=self.cfg.answer_template,
-            )
         return SequenceLayout(
             aux_images="inline", reasoning="full", observation_weight=self.observation_weight,
             aux_dropout=self.cfg.aux_dropout,
         )
 
-    def losses(self, model: LatentVLM, batch: Batch) -> dict[str, Tensor]:
-        out = model(batch.input_ids, batch.lm_attention_mask, batch.position_ids, batch.pixel_values)
+    def forward(self, model: LatentVLM, batch: Batch) -> LMOutput:
+        return model(batch.input_ids, batch.lm_attention_mask, batch.position_ids, batch.pixel_values)
+
+    def losses(self, model: LatentVLM, batch: Batch, out: LMOutput) -> dict[str, Tensor]:
         return {"ce_loss": weighted_cross_entropy(out.logits, batch.labels, batch.loss_weights)}
+
+
+class Direct(Stage1):
+    """The direct-answer baseline: the same question answered at once (`answer_template`), plain CE."""
+
+    name = "direct"
+    default_observation_weight = 1.0
+
+    def layout(self, latent_slots: int) -> SequenceLayout:
+        return SequenceLayout(
+            aux_images="drop", reasoning="answer_only", observation_weight=self.observation_weight,
+            answer_template=self.cfg.answer_template,
+        )
 
 
 def latent_only_alignment(model: LatentVLM, batch: Batch, fwd: LatentForward, positions: Tensor, teacher: list[Tensor]) -> Tensor:
@@ -152,14 +176,21 @@ def _paired(student: list[Tensor], teacher: list[Tensor], keys: list[str]) -> tu
     return torch.cat(student, 1), torch.cat([t.to(s.device, s.dtype) for s, t in zip(student, teacher)], 1)
 
 
-class LatentStage(Stage):
-    """Stages 2 and 3: latent blocks trained by cross-entropy, teacher alignment and grounding losses."""
+class _Distillation(Stage):
+    """What stages 2 and 3 share: latent blocks trained by CE, alignment to a teacher, grounding losses.
+
+    A subclass says which positions it aligns (`positions`), its default alignment weight, its own layout
+    and the layout its teacher reads.
+    """
 
     default_observation_weight = 4.0
+    positions: ClassVar[Positions]
+    """Where the student's hidden states are aligned with the teacher's."""
+    default_align_weight: ClassVar[float]
+    """Alignment weight when `stage.align_weight` is None."""
 
     def __init__(self, cfg: StageConfig):
         super().__init__(cfg)
-        self.positions: Positions = "observation" if cfg.name == "stage2" else "latent"
         self._teacher: LatentVLM | None = None
         self._cache: TeacherCache | None = None
         t = cfg.teacher
@@ -170,8 +201,24 @@ class LatentStage(Stage):
             )
 
     @property
+    def align_weight(self) -> float:
+        w = self.cfg.align_weight
+        return self.default_align_weight if w is None else w
+
+    @property
     def online(self) -> bool:
         return self.align_weight > 0 and self.cfg.teacher.checkpoint is not None
+
+    @property
+    def trains_latent_blocks(self) -> bool:
+        return True
+
+    def teacher_layout(self, latent_slots: int) -> SequenceLayout:
+        """The view the teacher reads (online, or when its cache is written)."""
+        raise NotImplementedError
+
+    def online_teacher_layout(self, latent_slots: int) -> SequenceLayout | None:
+        return self.teacher_layout(latent_slots) if self.online else None
 
     def load_teacher(self) -> None:
         """Open the cache or load the frozen teacher (at fit/validate start, not when a checkpoint is read
@@ -182,39 +229,13 @@ class LatentStage(Stage):
         if t.cache is not None:
             self._cache = TeacherCache(t.cache)
             if self._cache.kind != self.positions:
-                raise ValueError(f"stage.teacher.cache {t.cache} holds {self._cache.kind} states; {self.cfg.name} needs {self.positions}")
+                raise ValueError(f"stage.teacher.cache {t.cache} holds {self._cache.kind} states; {self.name} needs {self.positions}")
         else:
             from mmlatent.training.checkpoint_io import load_model
 
             self._teacher = load_model(t.checkpoint).requires_grad_(False)
 
-    @property
-    def teacher_positions(self) -> Positions:
-        return self.positions
-
-    @property
-    def align_weight(self) -> float:
-        w = self.cfg.align_weight
-        return (1.0 if self.cfg.name == "stage2" else 2.0) if w is None else w
-
-    def layout(self, latent_slots: int) -> SequenceLayout:
-        if self.cfg.name == "stage2":
-            return SequenceLayout(aux_images="image_then_latent", observation_weight=self.observation_weight, latent_slots=latent_slots)
-        return SequenceLayout(
-            aux_images="latent", reasoning=self.cfg.reasoning, observation_weight=self.observation_weight, latent_slots=latent_slots
-        )
-
-    def teacher_layout(self, latent_slots: int) -> SequenceLayout:
-        """Stage 2's teacher (stage 1) reads the aux images inline; stage 3's teacher (stage 2) reads stage 2's layout."""
-        if self.cfg.name == "stage2":
-            return SequenceLayout(aux_images="inline")
-        return SequenceLayout(aux_images="image_then_latent", latent_slots=latent_slots)
-
-    def online_teacher_layout(self, latent_slots: int) -> SequenceLayout | None:
-        """The teacher view the processor must render: only for an online teacher."""
-        return self.teacher_layout(latent_slots) if self.online else None
-
-    def to(self, device: torch.device) -> "LatentStage":
+    def to(self, device: torch.device) -> "_Distillation":
         self.load_teacher()
         if self._teacher is not None:
             self._teacher.to(device)
@@ -228,26 +249,68 @@ class LatentStage(Stage):
             raise ValueError("the online teacher needs the batch's teacher view (build the processor with the stage's teacher layout)")
         return teacher_states(self._teacher, batch.teacher, self.positions)
 
-    def losses(self, model: LatentVLM, batch: Batch) -> dict[str, Tensor]:
-        align_here = self.align_weight > 0
-        fwd = latent_forward(
+    def forward(self, model: LatentVLM, batch: Batch) -> LatentForward:
+        return latent_forward(
             model, batch.input_ids, batch.lm_attention_mask, batch.position_ids, batch.pixel_values,
-            output_hidden_states=align_here and self.positions == "latent",
+            output_hidden_states=self.align_weight > 0 and self.positions == "latent",
         )
-        losses = {"ce_loss": weighted_cross_entropy(fwd.logits, batch.labels, batch.loss_weights)}
-        if align_here:
+
+    def alignment(self, model: LatentVLM, batch: Batch, fwd: LatentForward, positions: Tensor, teacher: list[Tensor]) -> Tensor:
+        """The unweighted alignment of the student's states at `positions` with the teacher's."""
+        raise NotImplementedError
+
+    def losses(self, model: LatentVLM, batch: Batch, out: LatentForward) -> dict[str, Tensor]:
+        losses = {"ce_loss": weighted_cross_entropy(out.logits, batch.labels, batch.loss_weights)}
+        if self.align_weight > 0:
             teacher = self._teacher_states(batch)
             positions = target_positions(model, batch.input_ids, self.positions)  # (B, L)
-            if self.positions == "observation":
-                align = latent_only_alignment(model, batch, fwd, positions, teacher)
-            else:
-                align = cosine_alignment(*_paired(gather_states(fwd.hidden_states, positions), teacher, batch.keys))
-            losses["align_loss"] = self.align_weight * align
-        losses.update(grounding_losses(model, batch, fwd.latent_mask, fwd.latent_vectors, self.cfg.grounding))
+            losses["align_loss"] = self.align_weight * self.alignment(model, batch, out, positions, teacher)
+        losses.update(grounding_losses(model, batch, out.latent_mask, out.latent_vectors, self.cfg.grounding))
         return losses
 
 
-STAGES: dict[str, type[Stage]] = {"stage1": SFTStage, "direct": SFTStage, "stage2": LatentStage, "stage3": LatentStage}
+class Stage2(_Distillation):
+    """Latent distillation: a latent block after each aux image, which a 4D mask hides from everything after
+    the block; CE (observation ×4) + alignment at observation tokens with the stage-1 teacher, through the
+    latent vectors only."""
+
+    name = "stage2"
+    positions = "observation"
+    default_align_weight = 1.0
+
+    def layout(self, latent_slots: int) -> SequenceLayout:
+        return SequenceLayout(aux_images="image_then_latent", observation_weight=self.observation_weight, latent_slots=latent_slots)
+
+    def teacher_layout(self, latent_slots: int) -> SequenceLayout:
+        return SequenceLayout(aux_images="inline")  # stage 1 reads the aux images inline
+
+    def alignment(self, model, batch, fwd, positions, teacher) -> Tensor:
+        return latent_only_alignment(model, batch, fwd, positions, teacher)
+
+
+class Stage3(_Distillation):
+    """Latent only: each aux image replaced by a latent block; CE (observation ×4) + 2.0 × alignment of the
+    hidden states at the latent slots with stage 2's."""
+
+    name = "stage3"
+    positions = "latent"
+    default_align_weight = 2.0
+
+    def layout(self, latent_slots: int) -> SequenceLayout:
+        return SequenceLayout(
+            aux_images="latent", reasoning=self.cfg.reasoning, observation_weight=self.observation_weight,
+            latent_slots=latent_slots,
+        )
+
+    def teacher_layout(self, latent_slots: int) -> SequenceLayout:
+        return SequenceLayout(aux_images="image_then_latent", latent_slots=latent_slots)  # stage 2's layout
+
+    def alignment(self, model, batch, fwd, positions, teacher) -> Tensor:
+        return cosine_alignment(*_paired(gather_states(fwd.hidden_states, positions), teacher, batch.keys))
+
+
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (Stage1, Direct, Stage2, Stage3)}
+"""Stage classes by `stage.name`."""
 
 
 def build_stage(cfg: StageConfig) -> Stage:

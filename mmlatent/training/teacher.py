@@ -5,7 +5,7 @@ the aux images inline); stage 3 aligns its latent slots with stage 2's. Both rea
 at some positions of its own view of the same sample", so one function, `teacher_states`, computes them
 for the online teacher and for the cache writer alike, and the stage never knows which one it got.
 
-The cache (`mmlatent teacher …`) runs the teacher once over the shards and stores, per sample key, a
+The cache (`mmlatent teacher …`, `teacher_command.py`) runs the teacher once over the shards and stores, per sample key, a
 (num_layers, n_positions, D) tensor in safetensors part files with an `index.json` mapping keys to parts.
 The trade-off: disk (layers × positions × D per sample, fp16 by default) against a teacher forward per
 step, which for stage 2 is the inline layout's full forward and for stage 3 a whole latent loop.
@@ -13,7 +13,6 @@ step, which for stage 2 is the inline layout's full forward and for stage 3 a wh
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections import Counter
@@ -132,46 +131,3 @@ def write_teacher_cache(
     tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "positions": kind, "keys": keys}, indent=0))
     os.replace(tmp, out / INDEX)
     return len(keys), skipped
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`mmlatent teacher`: precompute a distillation stage's teacher states."""
-    from functools import partial
-
-    from mmlatent.data.batch import collate
-    from mmlatent.data.pipeline import ShardStream
-    from mmlatent.data.processor import Processor
-    from mmlatent.training.checkpoint_io import load_model
-    from mmlatent.data.shards import expand_shards, manifest_count
-    from mmlatent.training.stages import StageConfig, build_stage
-
-    ap = argparse.ArgumentParser(
-        prog="mmlatent teacher",
-        description="Precompute the teacher hidden states a distillation stage aligns to, keyed by sample key. "
-        "Point the stage at them with --model.stage.teacher.cache=OUT.",
-    )
-    ap.add_argument("--checkpoint", required=True, help="the teacher: stage 1's checkpoint for stage 2, stage 2's for stage 3")
-    ap.add_argument("--stage", required=True, choices=["stage2", "stage3"], help="the stage that will read the cache")
-    ap.add_argument("--shards", required=True, nargs="+", help="shard folders or brace patterns: every split the stage reads (train and val)")
-    ap.add_argument("--out", required=True, help="cache folder to write")
-    ap.add_argument("--batch-size", type=int, default=16, help="samples per teacher forward")
-    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="storage dtype")
-    ap.add_argument("--workers", type=int, default=1, help="data-loader workers")
-    args = ap.parse_args(argv)
-
-    model = load_model(args.checkpoint)
-    stage = build_stage(StageConfig(name=args.stage, align_weight=0.0))  # layouts only
-    layout = stage.teacher_layout(model.cfg.latent.slots)
-    processor = Processor.for_model(model, layout)
-    urls = [u for spec in args.shards for u in expand_shards(spec, "--shards")]
-    counts = [manifest_count(spec) for spec in args.shards]
-    total = None if None in counts else sum(counts)
-    stream = ShardStream(
-        urls, processor, partial(collate, pad_id=processor.ids.pad, latent_start_id=processor.ids.latent_start),
-        args.batch_size, shuffle_buffer=0, loop=False, partial_batches=True,
-    )
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(args.workers, len(urls)))
-    n, skipped = write_teacher_cache(
-        model, loader, args.out, stage.teacher_positions, getattr(torch, args.dtype), total
-    )
-    print(json.dumps({"cached": n, "skipped": dict(skipped), "out": args.out, "positions": stage.teacher_positions}))

@@ -56,3 +56,12 @@ def test_scienceqa_groups_follow_the_official_table():
     assert (g["NO"]["num"], g["NO"]["acc"]) == (1, 1.0)
     assert (g["G1-6"]["num"], g["G7-12"]["num"], g["G7-12"]["correct"]) == (1, 3, 2)
     assert g["Avg"] == {"num": 4, "correct": 3, "acc": 0.75, "unparsed": 1}
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    from mmlatent.evaluation.metrics import wilson_interval
+
+    assert wilson_interval(40, 100) == pytest.approx([0.3094, 0.4980], abs=1e-4)  # p = 0.4, n = 100
+    assert wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)  # stays inside [0, 1] at 0%
+    assert wilson_interval(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    assert wilson_interval(0, 0) is None

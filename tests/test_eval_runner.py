@@ -29,7 +29,7 @@ def scienceqa(tmp_path_factory, cache):
 def test_prompts_are_chatml_with_images_in_place(tiny_model, mmmu):
     q = next(q for q in mmmu.questions if q.id == "validation_Art_1")  # two images, named in the options
     T = tiny_model.tokens_per_image
-    ids, pixels = PromptRenderer(tiny_model, latent=True).render(q, mmmu.images(q))
+    ids, pixels = PromptRenderer(tiny_model, open_latent=True).render(q, mmmu.images(q))
     assert pixels.shape[0] == 2 and int((ids == tiny_model.ids.image).sum()) == 2 * T
     text = tiny_model.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
     assert text.startswith("<|im_start|>user\nWhich picture is a copy?\nA. ")
@@ -37,15 +37,16 @@ def test_prompts_are_chatml_with_images_in_place(tiny_model, mmmu):
     first_image = text.index("<|image|>")
     assert text[first_image - 3 : first_image] == "A. " and "B. " not in text[:first_image]
 
-    plain, _ = PromptRenderer(tiny_model, latent=False).render(q, mmmu.images(q))
+    plain, _ = PromptRenderer(tiny_model, open_latent=False).render(q, mmmu.images(q))
     assert plain.tolist() == ids[:-1].tolist()  # the same prompt without the opened latent block
-    assert PromptRenderer(tiny_model, latent=False).length(q) == plain.numel()
+    assert PromptRenderer(tiny_model, open_latent=False).length(q) == plain.numel()
 
 
 def test_batched_equals_one_by_one_latent_on(tiny_model, scienceqa):
     qs = scienceqa.questions
-    batched = generate_responses(tiny_model, scienceqa, qs, EvalConfig(batch_size=4, max_new_tokens=10, progress=False))
-    single = generate_responses(tiny_model, scienceqa, qs, EvalConfig(batch_size=1, max_new_tokens=10, progress=False))
+    cfg = dict(max_new_tokens=10, progress=False, open_latent=True)
+    batched = generate_responses(tiny_model, scienceqa, qs, EvalConfig(batch_size=4, **cfg))
+    single = generate_responses(tiny_model, scienceqa, qs, EvalConfig(batch_size=1, **cfg))
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
     assert all(g.latent_steps >= 1 for g in batched)  # every answer started inside a latent block
     assert all(g.token_ids[0] == tiny_model.ids.latent for g in batched)
@@ -57,12 +58,15 @@ def test_no_latent_means_no_latent_steps(tiny_model, scienceqa):
 
 
 def test_evaluate_writes_every_output(tiny_model, mmmu, tmp_path):
-    results = evaluate(tiny_model, mmmu, EvalConfig(batch_size=2, max_new_tokens=4, progress=False), tmp_path, "tiny")
+    results = evaluate(tiny_model, mmmu, EvalConfig(batch_size=2, max_new_tokens=4, progress=False, open_latent=True), tmp_path, "tiny")
     lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [r["id"] for r in lines] == [q.id for q in mmmu.questions]  # dataset order, not length order
     for r in lines:
         assert {"id", "prompt", "response", "prediction", "correct", "unparsed", "subject", "discipline"} <= set(r)
-        assert r["latent_steps"] >= 1
+        assert r["latent_steps"] >= 1 and r["entered_latent"] is True  # the prompt opened the block
+    assert results["trigger_rate"] == 1.0
+    lo, hi = results["acc_ci95"]
+    assert 0.0 <= lo <= results["acc"] <= hi <= 1.0
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
     assert results["num"] == 4 and set(results["breakdown"]) == {"overall", "disciplines", "subjects"}
     submission = json.loads((tmp_path / "submission.json").read_text())

@@ -1,7 +1,9 @@
-"""`mmlatent eval`: run a model on MMMU or ScienceQA, or re-score saved responses without a model.
+"""`mmlatent eval`: run a model on MMMU, ScienceQA or mmlatent shards, or re-score saved responses without a model.
 
     mmlatent eval --task mmmu --data MMMU/MMMU --split validation --model CKPT_OR_EXPORT_DIR --output OUT \
-        [--limit N] [--batch-size B] [--latent | --no-latent]
+        [--limit N] [--batch-size B] [--latent | --no-latent] [--open-latent] \
+        [--latent-intervention {none,zero,noise,swap}]
+    mmlatent eval --task synthetic --data data/synth/val --model CKPT --output OUT --latent-intervention zero
     mmlatent eval --task mmmu --data DIR --split validation --responses R.jsonl --output OUT
 
 `--model` takes a Lightning checkpoint (`.ckpt`, read by `training.checkpoint_io` with `weights_only=True`)
@@ -21,6 +23,7 @@ import torch
 
 from mmlatent.evaluation.runner import EvalConfig, evaluate, rescore
 from mmlatent.evaluation.tasks import TASKS, load_eval_data
+from mmlatent.model.interventions import INTERVENTIONS
 from mmlatent.model.latent_vlm import LatentVLM
 
 
@@ -49,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", required=True, choices=sorted(TASKS), help="Benchmark.")
     p.add_argument("--data", default=None, help="Hub dataset id or local folder laid out like the Hub repository "
-                   "(default: MMMU/MMMU, derek-thomas/ScienceQA).")
+                   "(default: MMMU/MMMU, derek-thomas/ScienceQA); for shards/synthetic a shard folder or pattern.")
     p.add_argument("--split", default=None, help="Split (MMMU: dev, validation, test; ScienceQA: test, ...). "
                    "Default: validation for MMMU, test for ScienceQA.")
     p.add_argument("--subset", default="full", choices=("full", "img"),
@@ -61,7 +64,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="Evaluate the first N questions only.")
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="Questions per generation batch.")
     p.add_argument("--latent", action=argparse.BooleanOptionalAction, default=EvalConfig.latent,
-                   help="Start answers in a latent block (--no-latent: text only).")
+                   help="Allow latent blocks; the model opens them itself (--no-latent: text only).")
+    p.add_argument("--open-latent", action="store_true",
+                   help="End every prompt with <|latent_start|>: each answer starts in a latent block.")
+    p.add_argument("--latent-intervention", choices=INTERVENTIONS, default=EvalConfig.latent_intervention,
+                   help="Replace every latent input by zeros, noise of its norm, or another question's latents "
+                        "(swap, within a batch) to measure how much the answers depend on them.")
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens,
                    help="Most generated positions per question (text tokens and latent steps).")
     p.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
@@ -74,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
 
 def headline(results: dict) -> dict:
     """The summary line printed last."""
-    keys = ("task", "split", "subset", "num", "correct", "acc", "unparsed", "missing")
+    keys = ("task", "split", "subset", "num", "correct", "acc", "acc_ci95", "unparsed", "missing", "trigger_rate")
     return {k: results[k] for k in keys if k in results}
 
 
@@ -96,6 +104,7 @@ def main(argv: list[str]) -> None:
             model = load_model(args.model, device, args.model_revision)
             cfg = EvalConfig(
                 batch_size=args.batch_size, latent=args.latent, max_new_tokens=args.max_new_tokens,
+                open_latent=args.open_latent, latent_intervention=args.latent_intervention,
                 progress=not args.no_progress,
             )
             results = evaluate(model, data, cfg, args.output, model_name=args.model)

@@ -69,6 +69,19 @@ class Tally:
         return {"num": self.num, "correct": self.correct, "acc": self.acc, "unparsed": self.unparsed}
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """The Wilson score interval [low, high] of an accuracy `correct / n` (95% for the default z); None for n = 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest at 0% or 100% and for small n.
+    """
+    if n <= 0:
+        return None
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def tally(records: Iterable[dict[str, Any]], groups_of: Callable[[dict[str, Any]], Iterable[str]]) -> dict[str, Tally]:
     """One `Tally` per group name; `groups_of(record)` names the groups a record counts in (0, 1 or more)."""
     out: dict[str, Tally] = {}

@@ -1,9 +1,11 @@
 """Batched generation over a benchmark split, official scoring, and the output files.
 
 Prompts are rendered by the training `Processor` (one ChatML template for training and evaluation): the
-question is a user turn, the assistant turn is opened, and with latent reasoning on the prompt ends with
-`<|latent_start|>`, so the model starts in a latent block; with it off, `<|latent_start|>` is forbidden and
-the model answers in text. Questions are sorted by prompt length before batching, so a batch pads little
+question is a user turn and the assistant turn is opened. With latent reasoning allowed the model decides
+whether and where it opens a latent block, and each answer records whether it did (`trigger_rate` in the
+results); `open_latent` ends every prompt with `<|latent_start|>` instead (a forced start); with latent
+reasoning off, `<|latent_start|>` is forbidden and the model answers in text. `latent_intervention` replaces
+the latent inputs (zeros, noise, another question's) to measure how much the answers depend on them. Questions are sorted by prompt length before batching, so a batch pads little
 and the KV-cached loop of `generate_from_prompts` serves B questions per forward; the answers go back to
 dataset order. The trade-off: a length pass renders every prompt's ids once more (text only, no pixels)
 before generation starts.
@@ -27,11 +29,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
-from mmlatent.evaluation.metrics import overall
+from mmlatent.evaluation.metrics import overall, wilson_interval
 from mmlatent.evaluation.parsing import judge
 from mmlatent.evaluation.question import Question
 from mmlatent.evaluation.tasks import EvalData
 from mmlatent.model.generation import GenerationConfig, Generated, generate_from_prompts
+from mmlatent.model.interventions import Intervention
 from mmlatent.model.latent_vlm import LatentVLM
 
 
@@ -42,8 +45,12 @@ class EvalConfig:
     batch_size: int = 16
     """Questions per generation batch."""
     latent: bool = True
-    """Start the answer in a latent block (`<|latent_start|>` ends the prompt). False: text only, latent
-    blocks forbidden."""
+    """Allow latent blocks (the model opens them itself). False: text only, `<|latent_start|>` forbidden."""
+    open_latent: bool = False
+    """End every prompt with `<|latent_start|>`, so each answer starts in a latent block (needs `latent`)."""
+    latent_intervention: Intervention = "none"
+    """Replace every latent input: `zero`, `noise` (Gaussian with the input's norm), `swap` (another
+    question's latents from the same batch; needs `batch_size` >= 2), or `none`."""
     max_new_tokens: int = 128
     """Most generated positions per question (text tokens and latent steps)."""
     sort_by_length: bool = True
@@ -59,12 +66,12 @@ def _no_pixels(_image: object) -> Tensor:
 class PromptRenderer:
     """`Question` -> prompt ids (L,) and images (N_img, 3, H, W), rendered like a training sample."""
 
-    def __init__(self, model: LatentVLM, latent: bool):
+    def __init__(self, model: LatentVLM, open_latent: bool):
         cfg = ProcessorConfig(max_length=sys.maxsize)  # evaluation never drops or cuts a question
         tok, T = model.tokenizer, model.tokens_per_image
         self.processor = Processor(tok, model.backbone.image_transform(train=False), T, SequenceLayout(), cfg)
         self.ids_only = Processor(tok, _no_pixels, T, SequenceLayout(), cfg)  # the length pass: no pixels
-        self.suffix = [model.ids.latent_start] if latent else []
+        self.suffix = [model.ids.latent_start] if open_latent else []
 
     @staticmethod
     def meta(question: Question) -> dict:
@@ -92,16 +99,24 @@ class PromptRenderer:
         return self._prompt(self.processor, question, images)
 
 
-def generate_responses(model: LatentVLM, data: EvalData, questions: list[Question], cfg: EvalConfig) -> list[Generated]:
-    """One `Generated` per question, in the order given, from batched greedy decoding."""
+def generate_responses(
+    model: LatentVLM, data: EvalData, questions: list[Question], cfg: EvalConfig, return_latents: bool = False
+) -> list[Generated]:
+    """One `Generated` per question, in the order given, from batched greedy decoding (with each answer's
+    latent trajectory when `return_latents`)."""
     if not questions:
         return []
-    renderer = PromptRenderer(model, cfg.latent)
+    if cfg.open_latent and not cfg.latent:
+        raise ValueError("open_latent needs latent reasoning allowed (--latent)")
+    renderer = PromptRenderer(model, cfg.open_latent)
     order = list(range(len(questions)))
     if cfg.sort_by_length:
         lengths = [renderer.length(q) for q in questions]
         order.sort(key=lengths.__getitem__)
-    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, latent=cfg.latent)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, latent=cfg.latent, latent_intervention=cfg.latent_intervention,
+        return_latents=return_latents,
+    )
     device = next(model.parameters()).device
     out: list[Generated | None] = [None] * len(questions)
     was_training = model.training
@@ -149,6 +164,7 @@ def score(
             record["parsed"] = verdict.parsed
         if generated is not None:
             record["latent_steps"] = generated[k].latent_steps
+            record["entered_latent"] = generated[k].entered_latent
             record["positions"] = generated[k].positions
         records.append(record)
     return records
@@ -157,15 +173,19 @@ def score(
 def summarize(data: EvalData, records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """The results object: where the data came from, overall accuracy, unparsed count and breakdowns."""
     total = overall(records)
-    return {
+    out = {
         "task": data.task.name,
         "data": data.data,
         "split": data.split,
         "subset": data.task.subset,
         **total.as_dict(),
+        "acc_ci95": wilson_interval(total.correct, total.scored),
         "breakdown": data.task.breakdown(records),
-        **extra,
     }
+    if records and "entered_latent" in records[0]:  # answers generated here (not re-scored ones)
+        out["trigger_rate"] = sum(bool(r["entered_latent"]) for r in records) / len(records)
+        out["positions_per_answer"] = sum(r["positions"] for r in records) / len(records)
+    return {**out, **extra}
 
 
 def submission(records: list[dict[str, Any]]) -> dict[str, str]:

@@ -2,23 +2,25 @@
 
 `load_eval_data("mmmu", "MMMU/MMMU", "validation")` finds the split's files (`sources`), lets the task pick
 the ones to read, reads the text columns once to build the `Question`s, and keeps the dataset to decode a
-question's images when a batch needs them. Tasks are looked up by exact name.
+question's images when a batch needs them. `shards` and `synthetic` read mmlatent's own shards instead
+(`shards.py`). Tasks are looked up by exact name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
 from mmlatent.evaluation.mmmu import MMMUTask
 from mmlatent.evaluation.question import Question, Task
 from mmlatent.evaluation.scienceqa import ScienceQATask
+from mmlatent.evaluation.shards import ShardsTask, SyntheticTask
 from mmlatent.evaluation.sources import image_presence, open_image, read_parquet, resolve_root, split_files
 
-TASKS: dict[str, type[Task]] = {MMMUTask.name: MMMUTask, ScienceQATask.name: ScienceQATask}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MMMUTask, ScienceQATask, ShardsTask, SyntheticTask)}
 """Benchmarks by `--task` name."""
 
 
@@ -26,6 +28,35 @@ def get_task(name: str, subset: str = "full") -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
     return TASKS[name](subset)
+
+
+class ImageSource(Protocol):
+    """Where a split's images are read from when a batch needs them."""
+
+    def images(self, question: Question) -> dict[int, Image.Image]:
+        """Decoded RGB images of `question`, by image number."""
+
+
+@dataclass
+class ParquetImages:
+    """Images in a parquet split's image columns, decoded per question."""
+
+    root: Path
+    """Local root folder of the files (relative image paths resolve against it)."""
+    image_data: Any
+    """The split's image columns as a `datasets.Dataset` (undecoded), indexed by `Question.row`."""
+    image_columns: tuple[str, ...]
+    """The columns, in image-number order."""
+
+    def images(self, question: Question) -> dict[int, Image.Image]:
+        row = self.image_data[question.row]
+        out = {}
+        for k in set(question.image_slots):
+            image = open_image(row[self.image_columns[k]], self.root)
+            if image is None:
+                raise ValueError(f"question {question.id}: image {k + 1} is missing")
+            out[k] = image
+        return out
 
 
 @dataclass
@@ -38,23 +69,14 @@ class EvalData:
     """Where it was read from (Hub id or folder), for the results file."""
     split: str
     """The split read."""
-    root: Path
-    """Local root folder of the files (relative image paths resolve against it)."""
-    image_data: Any
-    """The split's image columns as a `datasets.Dataset` (undecoded), indexed by `Question.row`."""
+    image_source: ImageSource
+    """Where the questions' images are read from (parquet columns, or shard members)."""
     questions: list[Question]
     """Questions in dataset order (after the subset and `limit`)."""
 
     def images(self, question: Question) -> dict[int, Image.Image]:
         """Decoded RGB images of `question`, by image number."""
-        row = self.image_data[question.row]
-        out = {}
-        for k in set(question.image_slots):
-            image = open_image(row[self.task.image_columns[k]], self.root)
-            if image is None:
-                raise ValueError(f"question {question.id}: image {k + 1} is missing")
-            out[k] = image
-        return out
+        return self.image_source.images(question)
 
     def by_id(self) -> dict[str, Question]:
         return {q.id: q for q in self.questions}
@@ -74,6 +96,9 @@ def load_eval_data(
     t = get_task(task, subset)
     data = data or t.default_data
     split = split or t.default_split
+    if isinstance(t, ShardsTask):
+        questions, images = t.read(data, limit)
+        return EvalData(task=t, data=data, split=split, image_source=images, questions=questions)
     root = resolve_root(data, split, revision)
     groups = split_files(root, split)
     if not groups:
@@ -86,4 +111,5 @@ def load_eval_data(
     if limit is not None:
         questions = questions[:limit]
     image_data = ds.select_columns([c for c in t.image_columns if c in ds.column_names])
-    return EvalData(task=t, data=data, split=split, root=root, image_data=image_data, questions=questions)
+    images = ParquetImages(root=root, image_data=image_data, image_columns=t.image_columns)
+    return EvalData(task=t, data=data, split=split, image_source=images, questions=questions)

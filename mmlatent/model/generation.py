@@ -10,17 +10,25 @@ budget (2 × slots by default); then `<|latent_end|>` is fed and text resumes.
 
 Test-time scaling (`trajectories > 1`): each prompt runs M times in the same batch with Gaussian noise or
 dropout on its latent vectors, and the answers are decided by majority vote.
+
+Interventions (`latent_intervention`, see `interventions.py`) replace every latent input by zeros, noise of
+its norm or another question's latent, to measure whether the answers depend on them. Each `Generated`
+says whether its answer entered a latent block (`entered_latent`) and, with `return_latents`, holds the
+vectors it fed and, in thought mode, what each thought selected.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
+from mmlatent.model.interventions import (
+    INTERVENTIONS, Intervention, LatentEdit, NoiseLatents, ReplayLatents, ZeroLatents, swap_donors,
+)
 from mmlatent.model.latent_vlm import LatentVLM
 
 
@@ -46,6 +54,31 @@ class GenerationConfig:
     """Standard deviation of the Gaussian noise, or the drop probability of dropout."""
     trajectories: int = 1
     """Test-time scaling: trajectories per question (M); answers are decided by majority vote."""
+    latent_intervention: Intervention = "none"
+    """Replace every latent input: `zero`, `noise` (Gaussian with the input's norm) or `swap` (the latents
+    another question of the batch fed in an untouched run); `none` leaves them (the causal check)."""
+    return_latents: bool = False
+    """Keep each answer's latent trajectory (`Generated.latents`): the vectors fed and what they selected."""
+
+    def __post_init__(self) -> None:
+        if self.latent_intervention not in INTERVENTIONS:
+            raise ValueError(f"generation.latent_intervention={self.latent_intervention!r}: expected one of {INTERVENTIONS}")
+
+
+@dataclass
+class LatentRecord:
+    """One latent step of a generated answer."""
+
+    block: int
+    """Which latent block of the answer (0-based)."""
+    slot: int
+    """Which slot of the block (0-based)."""
+    vector: Tensor
+    """(D,) the input the LM read at this slot (after any intervention)."""
+    selected: Tensor | None
+    """(k,) the visual tokens the thought selected, -1 where none (thought mode)."""
+    relevance: Tensor | None
+    """(M,) the thought's relevance over the prompt's visual tokens (thought mode)."""
 
 
 @dataclass
@@ -62,6 +95,13 @@ class Generated:
     """Latent steps among them."""
     votes: dict[str, int] | None = None
     """Test-time scaling: answer -> number of trajectories that gave it."""
+    latents: list[LatentRecord] | None = None
+    """The latent trajectory in order, when `return_latents` was asked."""
+
+    @property
+    def entered_latent(self) -> bool:
+        """Whether the answer entered a latent block (fed at least one latent slot): the trigger."""
+        return self.latent_steps > 0
 
 
 def split_prompts(
@@ -124,11 +164,30 @@ def perturb(v: Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> Te
 def generate_from_prompts(
     model: LatentVLM, prompts: list[Tensor], pixel_values: Tensor, cfg: GenerationConfig
 ) -> list[Generated]:
-    """Continue each prompt (1D id tensors) until `<|im_end|>` or `max_new_tokens` positions."""
+    """Continue each prompt (1D id tensors) until `<|im_end|>` or `max_new_tokens` positions, applying the
+    configured latent intervention (`swap` first runs the batch untouched to record the donors' latents)."""
+    device = prompts[0].device if prompts else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    edit: LatentEdit | None = None
+    if cfg.latent_intervention == "zero":
+        edit = ZeroLatents()
+    elif cfg.latent_intervention == "noise":
+        edit = NoiseLatents(gen)
+    elif cfg.latent_intervention == "swap":
+        donors = swap_donors(len(prompts))
+        untouched = _decode(model, prompts, pixel_values, replace(cfg, latent_intervention="none", return_latents=True), None, gen)
+        edit = ReplayLatents([{(r.block, r.slot): r.vector for r in g.latents} for g in untouched], donors)
+    return _decode(model, prompts, pixel_values, cfg, edit, gen)
+
+
+def _decode(
+    model: LatentVLM, prompts: list[Tensor], pixel_values: Tensor, cfg: GenerationConfig,
+    edit: LatentEdit | None, gen: torch.Generator | None,
+) -> list[Generated]:
+    """The batched cached loop; `edit` replaces latent inputs before the LM reads them."""
     ids_ = model.ids
     ids, mask, pos = left_pad(prompts, ids_.pad)
     device = ids.device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     cache = model.backbone.new_cache()
     embeds = model.embed_inputs(ids, pixel_values)  # (B, L, D)
     visual = model.visual_context(ids, embeds) if model.lq_former is not None else None
@@ -138,8 +197,10 @@ def generate_from_prompts(
     B = ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     in_latent = ids[:, -1] == ids_.latent_start  # a prompt may open a block itself
+    block = in_latent.long() - 1  # (B,) index of each row's current (or last) latent block, -1 before any
     count = torch.zeros(B, dtype=torch.long, device=device)
     new: list[list[int]] = [[] for _ in range(B)]
+    records: list[list[LatentRecord]] = [[] for _ in range(B)]
     budget = model.cfg.latent.budget
     last_pos = pos[:, -1]  # (B,)
     for _ in range(cfg.max_new_tokens):
@@ -158,30 +219,50 @@ def generate_from_prompts(
         done = done | (tok == ids_.turn_end)
         if bool(done.all()):
             break
-        in_latent = feed_latent | (~in_latent & (tok == ids_.latent_start))
+        opens = ~in_latent & (tok == ids_.latent_start)
+        block = block + opens.long()
+        in_latent = feed_latent | opens
         count = torch.where(feed_latent, count + 1, torch.zeros_like(count))
         last_pos = last_pos + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (B, L + t)
         x = model.backbone.embed_tokens(tok[:, None])  # (B, 1, D)
         rows = feed_latent.nonzero().flatten()
         if rows.numel():
-            col = torch.full_like(rows, mask.shape[1] - 1)
-            if visual is None:
-                step = model.latent_step(h_last[rows])
-            else:
-                tokens, vmask = visual.visible(rows, col)
-                step = model.latent_step(h_last[rows], tokens, vmask)
             x = x.clone()
-            x[rows, 0] = perturb(step.vector, cfg, gen).to(x.dtype)
+            x[rows, 0] = _latent_inputs(model, h_last, rows, mask.shape[1] - 1, visual, block, count - 1, cfg, edit, gen,
+                                        records).to(x.dtype)
         out = model.backbone.forward_lm(x, mask, last_pos[:, None], cache=out.cache, logits=False)
         h_last = out.last_hidden[:, -1]
         logits = model.backbone.lm_head(h_last)
     results = []
-    for t in new:
+    for t, rec in zip(new, records):
         steps = sum(1 for x in t if x == ids_.latent)
         text = model.tokenizer.decode(t, skip_special_tokens=True).strip()
-        results.append(Generated(token_ids=t, text=text, positions=len(t), latent_steps=steps))
+        latents = rec if cfg.return_latents else None
+        results.append(Generated(token_ids=t, text=text, positions=len(t), latent_steps=steps, latents=latents))
     return results
+
+
+def _latent_inputs(model, h_last, rows, col, visual, block, slot, cfg, edit, gen, records) -> Tensor:
+    """The vectors fed at the latent slots of `rows` (n,): the model's latent step from the last hidden
+    states, then the intervention, then test-time noise; recorded per row when asked."""
+    if visual is None:
+        step = model.latent_step(h_last[rows])
+    else:
+        tokens, vmask = visual.visible(rows, torch.full_like(rows, col))
+        step = model.latent_step(h_last[rows], tokens, vmask)
+    vectors = step.vector  # (n, D)
+    if edit is not None:
+        vectors = edit(rows, block[rows], slot[rows], vectors)
+    vectors = perturb(vectors, cfg, gen)
+    if cfg.return_latents:
+        for i, r in enumerate(rows.tolist()):
+            records[r].append(LatentRecord(
+                block=int(block[r]), slot=int(slot[r]), vector=vectors[i].detach().cpu(),
+                selected=None if step.indices is None else step.indices[i].cpu(),
+                relevance=None if step.relevance is None else step.relevance[i].cpu(),
+            ))
+    return vectors
 
 
 def images_per_prompt(prompts: list[Tensor], image_id: int, tokens_per_image: int) -> list[int]:

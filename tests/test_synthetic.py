@@ -133,9 +133,48 @@ def test_chain_of_thought_matches_the_image(index):
             assert arrows[path[i - 1]] in move["text"]
         assert aux == {"type": "aux_image", "ref": f"aux{i}"}
         last = i == len(path) - 1
-        want = f"The cell is {answer_colour}." if last else f"Its arrow points {arrows[cell]}."
-        assert obs["text"] == f"<observation>{want}</observation>"
+        # the observation span holds exactly the word read off the image
+        want = f"The cell is <observation>{answer_colour}</observation>." if last else f"Its arrow points <observation>{arrows[cell]}</observation>."
+        assert obs["text"] == want
         check_aux(decode(sample.images[f"aux{i}"]), img, cfg, cell, framed[0])
+
+
+COLOUR_WALK = SynthConfig(image_size=48, grid_size=3, palette=("red", "green", "blue", "yellow"), num_choices=4,
+                          task_mix=TaskMix(chase=0.0, walk=1.0), hops=(2, 3), moves="colours", option_order="palette")
+
+
+@pytest.mark.parametrize("index", range(20))
+def test_colour_moves_follow_the_colour_rule_and_read_one_word_per_step(index):
+    cfg = COLOUR_WALK
+    sample = generate_sample(cfg, 0, "train", index)
+    meta, info = sample.meta, sample.meta["meta"]
+    img = decode(sample.images["img0"])
+    g, (dy, dx) = cfg.grid_size, background_probe(cfg.cell_size)
+    rgb_to_name = {COLOURS[name]: name for name in cfg.palette}
+    colours = {}
+    for r in range(g):
+        for c in range(g):
+            inner = cell_block(img, cfg, r, c)[dy:-dy, dx:-dx]  # inside the (distractor) frame's width
+            assert (inner == inner[0, 0]).all(), "a colour-move cell is plain: no arrow"
+            colours[r, c] = rgb_to_name[tuple(int(v) for v in inner[0, 0])]
+    # the path from pixels: each cell moves by its colour's fixed direction (palette index i -> DIRECTIONS[i % 4])
+    path = [tuple(p) for p in info["path"]]
+    for a, b in zip(path, path[1:]):
+        dr, dc = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}[DIRECTIONS[cfg.palette.index(colours[a]) % 4]]
+        assert b == ((a[0] + dr) % g, (a[1] + dc) % g)
+    assert meta["choices"] == list(cfg.palette)  # palette order: the letter is a fixed function of the colour
+    assert meta["choices"][ord(meta["answer"]) - 65] == colours[path[-1]] == info["answer_text"]
+    assert "move by the colours" in meta["messages"][0]["content"][1]["text"]
+    steps = meta["messages"][1]["content"]
+    for i, cell in enumerate(path):
+        where, aux, seen = steps[3 * i : 3 * i + 3]
+        assert where["text"].endswith(f"row {cell[0] + 1}, column {cell[1] + 1}.")
+        if i:
+            prev = colours[path[i - 1]]
+            assert where["text"].startswith(f"{prev.capitalize()} moves {DIRECTIONS[cfg.palette.index(prev) % 4]} to ")
+        assert aux == {"type": "aux_image", "ref": f"aux{i}"}
+        assert seen["text"] == f"It is <observation>{colours[cell]}</observation>."
+    assert steps[-1]["text"] == f"The answer is {meta['answer']}."
 
 
 def check_aux(aux: np.ndarray, question: np.ndarray, cfg: SynthConfig, cell, frame):

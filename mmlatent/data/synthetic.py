@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Literal
@@ -115,6 +115,14 @@ class SynthConfig:
     """Weights of the task kinds (curriculum)."""
     aux_dim: float = 0.6
     """How far aux images blend the cells that are not highlighted toward grey (0 = not at all, 1 = grey)."""
+    moves: Literal["arrows", "colours"] = "arrows"
+    """What a hop follows. `arrows`: each cell's own arrow, drawn independently of its colour (two visual
+    primitives to learn). `colours`: a fixed rule of the cell's colour (palette colour i moves
+    `DIRECTIONS[i % 4]`) and no arrows are drawn, so one primitive, the colour, serves every hop."""
+    option_order: Literal["shuffled", "palette"] = "shuffled"
+    """Order of the answer options. `shuffled`: a random order per question, so writing the letter is a
+    second, text-only search for the option holding the colour. `palette`: options in palette order, so the
+    letter is a fixed function of the colour."""
 
     def __post_init__(self) -> None:
         if isinstance(self.task_mix, dict):  # e.g. read back from a manifest
@@ -140,6 +148,10 @@ class SynthConfig:
             raise ValueError(f"num_choices ({self.num_choices}) must be in 2..len(palette) ({len(self.palette)})")
         if not 0.0 <= self.aux_dim <= 1.0:
             raise ValueError(f"aux_dim must be in [0, 1], got {self.aux_dim}")
+        if self.moves not in ("arrows", "colours"):
+            raise ValueError(f"moves must be 'arrows' or 'colours', got {self.moves!r}")
+        if self.option_order not in ("shuffled", "palette"):
+            raise ValueError(f"option_order must be 'shuffled' or 'palette', got {self.option_order!r}")
         if not isinstance(self.task_mix, TaskMix):
             raise ValueError(f"task_mix must be a TaskMix, got {type(self.task_mix).__name__}")
 
@@ -187,6 +199,8 @@ def make_puzzle(cfg: SynthConfig, seed: int, split: str, index: int, task: TaskK
     g, n_colours = cfg.grid_size, len(cfg.palette)
     colours = rng.integers(n_colours, size=(g, g))
     arrows = rng.integers(len(DIRECTIONS), size=(g, g))
+    if cfg.moves == "colours":  # the move is the colour's (the draw above still runs: same random stream)
+        arrows = colours % len(DIRECTIONS)
     frame = (int(rng.integers(g)), int(rng.integers(g)))
     weights = np.asarray(cfg.task_mix.weights())
     drawn: TaskKind = TASK_KINDS[int(rng.choice(len(TASK_KINDS), p=weights / weights.sum()))]
@@ -204,6 +218,8 @@ def make_puzzle(cfg: SynthConfig, seed: int, split: str, index: int, task: TaskK
     others = [i for i in range(n_colours) if i != answer]
     options = [answer] + [int(i) for i in rng.choice(others, size=cfg.num_choices - 1, replace=False)]
     order = rng.permutation(cfg.num_choices)
+    if cfg.option_order == "palette":
+        order = np.argsort(options, kind="stable")  # options[order] ascending: palette order
     choices = [cfg.palette[options[i]] for i in order]
     return Puzzle(colours, arrows, frame, task, path, choices, int(np.flatnonzero(order == 0)[0]))
 
@@ -216,39 +232,22 @@ def _letter(i: int) -> str:
     return chr(ord("A") + i)
 
 
-def _question(p: Puzzle) -> str:
+def _question(cfg: SynthConfig, p: Puzzle) -> str:
     if p.task == "lookup":
         return f"What colour is the cell in {_where(p.path[0])}?"
     if p.task == "marked":
         return "What colour is the framed cell?"
     steps = "step" if p.hops == 1 else "steps"
     start = f"the cell in {_where(p.path[0])}" if p.task == "walk" else "the framed cell"
-    return (
-        f"Start at {start} and follow the arrows for {p.hops} {steps}. "
-        "What colour is the cell you land on?"
-    )
+    follow = "move by the colours" if cfg.moves == "colours" else "follow the arrows"
+    return f"Start at {start} and {follow} for {p.hops} {steps}. What colour is the cell you land on?"
 
 
 def build_meta(cfg: SynthConfig, p: Puzzle, key: str) -> dict:
     """The sample JSON of puzzle `p` (messages, answer, choices, meta); images are named img0, aux0, …"""
     options = "\n".join(f"{_letter(i)}. {name}" for i, name in enumerate(p.choices))
-    user_text = f"{_question(p)}\n{options}\nAnswer with the option's letter."
-    steps: list[dict] = []
-    for i, cell in enumerate(p.path):
-        if i == 0:
-            lead = "The framed cell is in" if p.task in ("marked", "chase") else "Look at the cell in"
-            move = f"{lead} {_where(cell)}."
-        else:
-            move = f"Moving {DIRECTIONS[p.arrows[p.path[i - 1]]]} leads to {_where(cell)}."
-        if i == len(p.path) - 1:
-            seen = f"The cell is {cfg.palette[p.colours[cell]]}."
-        else:
-            seen = f"Its arrow points {DIRECTIONS[p.arrows[cell]]}."
-        steps += [
-            {"type": "text", "text": move},
-            {"type": "aux_image", "ref": f"aux{i}"},
-            {"type": "text", "text": f"{OBSERVATION_OPEN}{seen}{OBSERVATION_CLOSE}"},
-        ]
+    user_text = f"{_question(cfg, p)}\n{options}\nAnswer with the option's letter."
+    steps = _colour_steps(cfg, p) if cfg.moves == "colours" else _arrow_steps(cfg, p)
     answer = _letter(p.answer_index)
     steps.append({"type": "text", "text": f"The answer is {answer}."})
     return {
@@ -269,6 +268,50 @@ def build_meta(cfg: SynthConfig, p: Puzzle, key: str) -> dict:
             "answer_text": p.choices[p.answer_index],
         },
     }
+
+
+def _colour_steps(cfg: SynthConfig, p: Puzzle) -> list[dict]:
+    """Colour moves: per visual step, where to look (the start, or the move just made and the cell it leads
+    to), the aux image of that cell, and the word read there: "It is <observation>colour</observation>."
+    The coordinates come before the image, so what the image shows (and, later, the latent block standing
+    for it) is a lookup at a named cell."""
+    steps: list[dict] = []
+    for i, cell in enumerate(p.path):
+        if i == 0:
+            where = f"Start at {_where(cell)}."
+        else:
+            prev = p.path[i - 1]
+            where = f"{cfg.palette[p.colours[prev]].capitalize()} moves {DIRECTIONS[p.arrows[prev]]} to {_where(cell)}."
+        colour = cfg.palette[p.colours[cell]]
+        steps += [
+            {"type": "text", "text": where},
+            {"type": "aux_image", "ref": f"aux{i}"},
+            {"type": "text", "text": f"It is {OBSERVATION_OPEN}{colour}{OBSERVATION_CLOSE}."},
+        ]
+    return steps
+
+
+def _arrow_steps(cfg: SynthConfig, p: Puzzle) -> list[dict]:
+    """Arrow moves: per visual step, the cell reached, its aux image, and the arrow read there (the colour at
+    the last cell)."""
+    steps: list[dict] = []
+    for i, cell in enumerate(p.path):
+        if i == 0:
+            lead = "The framed cell is in" if p.task in ("marked", "chase") else "Look at the cell in"
+            move = f"{lead} {_where(cell)}."
+        else:
+            move = f"Moving {DIRECTIONS[p.arrows[p.path[i - 1]]]} leads to {_where(cell)}."
+        # the observation span holds exactly the word read off the image (what `val/observation_acc` scores)
+        if i == len(p.path) - 1:
+            seen = f"The cell is {OBSERVATION_OPEN}{cfg.palette[p.colours[cell]]}{OBSERVATION_CLOSE}."
+        else:
+            seen = f"Its arrow points {OBSERVATION_OPEN}{DIRECTIONS[p.arrows[cell]]}{OBSERVATION_CLOSE}."
+        steps += [
+            {"type": "text", "text": move},
+            {"type": "aux_image", "ref": f"aux{i}"},
+            {"type": "text", "text": seen},
+        ]
+    return steps
 
 
 # ---------------------------------------------------------------- rendering
@@ -314,13 +357,14 @@ def _draw_frame(img: np.ndarray, cell_rc: tuple[int, int], cell: int) -> None:
 
 
 def render_grid(cfg: SynthConfig, p: Puzzle) -> np.ndarray:
-    """(H, W, 3) uint8 grid of backgrounds and arrows, without any frame."""
+    """(H, W, 3) uint8 grid of backgrounds and (with `moves="arrows"`) arrows, without any frame."""
     cell, g = cfg.cell_size, cfg.grid_size
     rgb = np.array([COLOURS[name] for name in cfg.palette], dtype=np.uint8)  # (P, 3)
     ink = np.array([arrow_colour(COLOURS[name]) for name in cfg.palette], dtype=np.uint8)  # (P, 3)
     cells = np.broadcast_to(rgb[p.colours][:, :, None, None, :], (g, g, cell, cell, 3)).copy()  # (G, G, c, c, 3)
-    mask = arrow_masks(cell)[p.arrows]  # (G, G, c, c)
-    cells[mask] = np.broadcast_to(ink[p.colours][:, :, None, None, :], (g, g, cell, cell, 3))[mask]
+    if cfg.moves == "arrows":  # with colour moves the cells are plain: the colour says everything
+        mask = arrow_masks(cell)[p.arrows]  # (G, G, c, c)
+        cells[mask] = np.broadcast_to(ink[p.colours][:, :, None, None, :], (g, g, cell, cell, 3))[mask]
     return np.ascontiguousarray(cells.transpose(0, 2, 1, 3, 4)).reshape(g * cell, g * cell, 3)  # (H, W, 3)
 
 
@@ -366,12 +410,14 @@ def generate_split(cfg: SynthConfig, seed: int, split: str, n: int) -> Iterator[
 def corpus_texts(cfg: SynthConfig, n: int = 2000, seed: int = 0) -> Iterator[str]:
     """Text items of `n` samples for training a tokenizer, without rendering images.
 
-    Task kinds cycle through every task kind whatever `cfg.task_mix` says, so one tokenizer
-    covers every stage of a curriculum.
+    Task kinds and both kinds of moves cycle whatever `cfg` says, so one tokenizer covers every stage of a
+    curriculum and every variant of the task.
     """
+    variants = [replace(cfg, moves=m) for m in ("arrows", "colours")]
     for index in range(n):
-        puzzle = make_puzzle(cfg, seed, "corpus", index, task=TASK_KINDS[index % len(TASK_KINDS)])
-        yield from sample_texts(build_meta(cfg, puzzle, sample_key("corpus", index)))
+        variant = variants[(index // len(TASK_KINDS)) % len(variants)]
+        puzzle = make_puzzle(variant, seed, "corpus", index, task=TASK_KINDS[index % len(TASK_KINDS)])
+        yield from sample_texts(build_meta(variant, puzzle, sample_key("corpus", index)))
 
 
 def synthesize(

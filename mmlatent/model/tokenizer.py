@@ -21,7 +21,7 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-SYNTHETIC_TOKENIZER_VERSION = 2
+SYNTHETIC_TOKENIZER_VERSION = 5
 """Bump when the synthetic corpus or the trainer settings change, so stale caches are not reused."""
 
 

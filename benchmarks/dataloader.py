@@ -31,10 +31,12 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from mmlatent.data.synthetic import SynthConfig, synthesize
+    from mmlatent.data.synthetic_tokenizer import build_synthetic_tokenizer
     from mmlatent.training.datamodule import ShardDataModule, SplitConfig
     from mmlatent.training.module import LatentVLMModule
     from mmlatent.training.optim import build_optimizer
 
+    build_synthetic_tokenizer()  # the tiny preset's tokenizer (a no-op once built)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         synthesize(tmp, SynthConfig(), train=args.samples, val=0, seed=0, samples_per_shard=args.samples // 8, progress=False)

@@ -63,11 +63,13 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
+    from mmlatent.data.synthetic_tokenizer import build_synthetic_tokenizer
     from mmlatent.evaluation.runner import EvalConfig, generate_responses
     from mmlatent.evaluation.tasks import load_eval_data
     from mmlatent.model.latent_vlm import LatentVLM
     from mmlatent.model.presets import preset
 
+    build_synthetic_tokenizer()  # the tiny preset's tokenizer (a no-op once built)
     torch.manual_seed(0)
     model = LatentVLM(preset("tiny")).to(args.device).eval()
     with tempfile.TemporaryDirectory() as tmp:

@@ -68,6 +68,9 @@ def _private_cache(tmp_path_factory):
     os.environ["MMLATENT_CACHE"] = str(tmp_path_factory.mktemp("mmlatent-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from mmlatent.data.synthetic_tokenizer import build_synthetic_tokenizer
+
+    build_synthetic_tokenizer()  # the tiny presets' tokenizer (the data layer builds it, the model loads it)
     yield
 
 

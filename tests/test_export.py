@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from mmlatent.model.generation import GenerationConfig, generate_from_prompts
+from mmlatent.model.latent_vlm import LatentVLM
 
 REPO_ID = "mmlatent-tests/tiny-latent"
 
 
 class FakeHfApi:
-    """Records what `push_to_hub` asks of the Hub; optionally fails like an unreachable Hub."""
+    """Records what `push_folder` asks of the Hub; optionally fails like an unreachable Hub."""
 
     calls: list[tuple[str, tuple, dict]] = []
     fail_with: BaseException | None = None
@@ -79,7 +80,7 @@ def exported(tmp_path_factory):
     out = root / "out"
     FakeHfApi.calls, FakeHfApi.fail_with = [], None
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("mmlatent.model.pretrained.HfApi", FakeHfApi)
+        mp.setattr("mmlatent.hub.publish.HfApi", FakeHfApi)
         mp.setenv("HF_TOKEN", "hf_test_token")
         code = main([
             str(ckpt), str(out), "--push-to-hub", REPO_ID, "--private", "--revision", "exp1",
@@ -94,7 +95,6 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(exported):
     """The exported folder loaded back, with sockets and unpickling blocked."""
-    from mmlatent.model.pretrained import load_pretrained
 
     def refuse(*args, **kwargs):
         raise AssertionError("loading a local folder must not use the network or unpickle")
@@ -102,8 +102,8 @@ def loaded(exported):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(torch, "load", refuse)
-        mp.setattr("mmlatent.model.pretrained.snapshot_download", refuse)
-        return load_pretrained(exported["out"])
+        mp.setattr("mmlatent.model.serialization.snapshot_download", refuse)
+        return LatentVLM.from_pretrained(exported["out"])
 
 
 def prompts(model, n_images: int = 2) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -151,7 +151,7 @@ def test_folder_holds_every_part(exported):
 
 
 def test_generation_config_round_trips(exported):
-    from mmlatent.model.pretrained import load_generation_config
+    from mmlatent.model.serialization import load_generation_config
 
     assert load_generation_config(exported["out"]) == exported["module"].gen_cfg
 
@@ -187,7 +187,7 @@ def test_loaded_model_generates_identically(exported, loaded):
 
 
 def test_resave_is_bit_identical(exported, loaded, tmp_path):
-    from mmlatent.model.pretrained import save_pretrained
+    from mmlatent.model.serialization import save_pretrained
 
     save_pretrained(loaded, tmp_path / "again", max_shard_size="300KB", generation=exported["module"].gen_cfg)
     first, again = model_files(exported["out"]), model_files(tmp_path / "again")
@@ -219,7 +219,7 @@ def test_transformers_auto_classes_load_the_folder_with_remote_code(exported, lo
 def test_round_trip_of_other_model_shapes(variant, tmp_path):
     from mmlatent.model.latent_vlm import LatentVLM
     from mmlatent.model.presets import preset
-    from mmlatent.model.pretrained import load_pretrained, save_pretrained
+    from mmlatent.model.serialization import save_pretrained
 
     cfg = preset("tiny-open-clip" if variant == "open-clip" else "tiny")
     if variant == "thought-with-heads":
@@ -230,7 +230,7 @@ def test_round_trip_of_other_model_shapes(variant, tmp_path):
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     save_pretrained(model, tmp_path / "m")
-    back = load_pretrained(tmp_path / "m")
+    back = LatentVLM.from_pretrained(tmp_path / "m")
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ps, pixels = prompts(model)
@@ -299,7 +299,7 @@ def test_push_passes_repo_revision_and_private(exported):
 
 
 def test_push_model_saves_a_carded_folder_and_uploads_it(loaded, monkeypatch):
-    from mmlatent.model.pretrained import push_model_to_hub
+    from mmlatent.hub.publish import push_model as push_model_to_hub
 
     uploaded = {}
 
@@ -309,7 +309,7 @@ def test_push_model_saves_a_carded_folder_and_uploads_it(loaded, monkeypatch):
             uploaded.update(kwargs, files=sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()))
             return "commit"
 
-    monkeypatch.setattr("mmlatent.model.pretrained.HfApi", RecordingApi)
+    monkeypatch.setattr("mmlatent.hub.publish.HfApi", RecordingApi)
     push_model_to_hub(loaded, REPO_ID, revision="v2", token="hf_x")
     assert uploaded["repo_id"] == REPO_ID and uploaded["revision"] == "v2"
     assert {"README.md", "config.json", "model.safetensors", "lm/config.json", "tokenizer.json"} <= set(uploaded["files"])
@@ -321,12 +321,13 @@ def no_token(monkeypatch, tmp_path):
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr("mmlatent.model.pretrained.HfApi", FakeHfApi)
+    monkeypatch.setattr("mmlatent.hub.publish.HfApi", FakeHfApi)
 
 
 def test_push_without_token_is_a_clear_error(exported, no_token, tmp_path, capsys):
     from mmlatent.hub.export import main
-    from mmlatent.model.pretrained import HubAccessError, push_to_hub
+    from mmlatent.hub.publish import push_folder as push_to_hub
+    from mmlatent.model.serialization import HubAccessError
 
     with pytest.raises(HubAccessError, match="no Hugging Face token: set the HF_TOKEN"):
         push_to_hub(exported["out"], REPO_ID)
@@ -338,16 +339,17 @@ def test_push_without_token_is_a_clear_error(exported, no_token, tmp_path, capsy
 def test_push_without_network_is_a_clear_error(exported, monkeypatch):
     import httpx2
 
-    from mmlatent.model.pretrained import HubAccessError, push_to_hub
+    from mmlatent.hub.publish import push_folder as push_to_hub
+    from mmlatent.model.serialization import HubAccessError
 
-    monkeypatch.setattr("mmlatent.model.pretrained.HfApi", FakeHfApi)
+    monkeypatch.setattr("mmlatent.hub.publish.HfApi", FakeHfApi)
     monkeypatch.setattr(FakeHfApi, "fail_with", httpx2.ConnectError("Name or service not known"))
     with pytest.raises(HubAccessError, match="unreachable"):
         push_to_hub(exported["out"], REPO_ID, token="hf_x")
 
 
 def test_hub_id_resolves_with_snapshot_download(exported, monkeypatch):
-    from mmlatent.model import pretrained
+    from mmlatent.model import serialization as pretrained
 
     seen = {}
 
@@ -361,20 +363,20 @@ def test_hub_id_resolves_with_snapshot_download(exported, monkeypatch):
 
 
 def test_uncached_hub_id_offline_is_a_clear_error(monkeypatch):
-    from mmlatent.model.pretrained import HubAccessError, load_pretrained
+    from mmlatent.model.serialization import HubAccessError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubAccessError, match="unreachable .*not in the local cache"):
-        load_pretrained("mmlatent-tests/never-downloaded-model")
+        LatentVLM.from_pretrained("mmlatent-tests/never-downloaded-model")
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        load_pretrained("./missing/export/folder")
+        LatentVLM.from_pretrained("./missing/export/folder")
 
 
 # ---------------------------------------------------------------------------------------- safety, atomicity
 
 
 def test_only_safetensors_and_known_formats_are_read(exported, tmp_path):
-    from mmlatent.model.pretrained import read_config, read_weights
+    from mmlatent.model.serialization import read_config, read_weights
 
     folder = tmp_path / "f"
     folder.mkdir()
@@ -387,14 +389,14 @@ def test_only_safetensors_and_known_formats_are_read(exported, tmp_path):
         read_config(folder)
     config["model"]["lm"]["name_or_path"] = "../../elsewhere"
     (folder / "config.json").write_text(json.dumps(config))
-    from mmlatent.model.pretrained import loading_config
+    from mmlatent.model.serialization import loading_config
 
     with pytest.raises(ValueError, match="points outside the folder"):
         loading_config(read_config(folder), folder)
 
 
 def test_writes_are_atomic_and_never_clobber(loaded, tmp_path):
-    from mmlatent.model.pretrained import save_pretrained
+    from mmlatent.model.serialization import save_pretrained
 
     target = tmp_path / "model"
     target.mkdir()

@@ -81,7 +81,6 @@ def test_train_save_resume_merge_export(short_synth, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from mmlatent.hub.export import export_checkpoint
-    from mmlatent.model.pretrained import load_pretrained
     from mmlatent.training.checkpoint_io import load_model
     from mmlatent.training.module import LatentVLMModule
 
@@ -133,7 +132,7 @@ def test_train_save_resume_merge_export(short_synth, tmp_path):
         with safe_open(str(out / "vlm" / "model.safetensors"), framework="pt") as f:
             keys = list(f.keys())
     assert not [k for k in keys if "lora" in k or "base_layer" in k or "token_adapter" in k]
-    loaded = load_pretrained(out)
+    loaded = LatentVLM.from_pretrained(out)
     resumed.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, mask, pos, pixels).logits, resumed.model(ids, mask, pos, pixels).logits,

@@ -239,7 +239,6 @@ def test_three_stages_export_and_evaluate(hub_folders, short_synth, tmp_path, ki
     from mmlatent.evaluation.runner import EvalConfig, evaluate, generate_responses
     from mmlatent.evaluation.tasks import load_eval_data
     from mmlatent.hub.export import export_checkpoint
-    from mmlatent.model.pretrained import load_pretrained
     from mmlatent.training.grounding import GroundingConfig
     from mmlatent.training.module import LatentVLMModule
     from mmlatent.training.stages import StageConfig
@@ -267,7 +266,7 @@ def test_three_stages_export_and_evaluate(hub_folders, short_synth, tmp_path, ki
     out = export_checkpoint(previous, tmp_path / "export")
     assert (out / "vlm" / "config.json").exists() and (out / "vlm" / "preprocessor_config.json").exists()
     trained = module.model.eval()
-    loaded = load_pretrained(out)
+    loaded = LatentVLM.from_pretrained(out)
     assert isinstance(loaded.backbone, type(trained.backbone)) and loaded.tokens_per_image == 16
     ids, mask, pos, pixels = make_batch(trained)
     with torch.no_grad():

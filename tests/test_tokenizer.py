@@ -6,7 +6,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mmlatent.model.language_model import LanguageModelConfig, RandomLMConfig, load_language_model
-from mmlatent.model.tokenizer import SPECIAL, TokenizerConfig, add_special_tokens, load_tokenizer, token_ids
+from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
+from mmlatent.tokens import SPECIAL, add_special_tokens, token_ids
 
 
 def test_synthetic_tokenizer_round_trip(tmp_path):
@@ -39,3 +40,16 @@ def test_special_tokens_added_to_foreign_tokenizer_and_embeddings_resized():
         vocab_size=len(foreign),
     )
     assert lm.get_input_embeddings().weight.shape[0] == len(foreign)
+
+
+def test_synthetic_tokenizer_not_built_is_a_clear_error(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("MMLATENT_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ValueError, match="synthetic tokenizer.*not built yet.*mmlatent data tokenizer"):
+        load_tokenizer(TokenizerConfig())
+    from mmlatent.data.synthetic_tokenizer import build_synthetic_tokenizer
+
+    folder = build_synthetic_tokenizer()
+    assert folder.is_relative_to(tmp_path) and load_tokenizer(TokenizerConfig()).name_or_path == str(folder)
+    assert build_synthetic_tokenizer() == folder  # built once: a second call reuses the folder

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from mmlatent.model.latent_vlm import LatentVLM
-from mmlatent.model.pretrained import load_pretrained
 from mmlatent.model.presets import preset
 from mmlatent.model.weight_memory import ALIGNMENT, own_aligned_memory
 from tests.conftest import REPO
@@ -41,7 +40,7 @@ def test_every_loaded_weight_is_aligned_and_owns_its_memory(name, tmp_path):
     cfg = preset(name)
     cfg.latent.mode = "thought"
     LatentVLM(cfg).save_pretrained(tmp_path / "m")
-    loaded = load_pretrained(tmp_path / "m")
+    loaded = LatentVLM.from_pretrained(tmp_path / "m")
     for key, t in loaded.state_dict().items():
         assert t.data_ptr() % ALIGNMENT == 0, key
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
@@ -51,14 +50,13 @@ ROUND_TRIP = """
 import sys, torch
 from mmlatent.model.latent_loop import latent_forward
 from mmlatent.model.latent_vlm import LatentVLM
-from mmlatent.model.pretrained import load_pretrained
 from mmlatent.model.presets import preset
 from tests.conftest import latent_block, right_pad
 torch.manual_seed(0)
 cfg = preset("tiny"); cfg.latent.mode = "thought"
 model = LatentVLM(cfg).eval()
 model.save_pretrained(sys.argv[1])
-loaded = load_pretrained(sys.argv[1])
+loaded = LatentVLM.from_pretrained(sys.argv[1])
 img = [model.ids.image] * model.tokens_per_image
 rows = [[5, 6, *img, 7, *latent_block(model, 3), 8, 9], [5, *img, 6, 7, 8, *latent_block(model, 2), 9]]
 ids, mask, pos = right_pad(rows, model.ids.pad)

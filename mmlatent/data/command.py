@@ -15,6 +15,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 from mmlatent.data.synthetic import SynthConfig, synthesize
+from mmlatent.data.synthetic_tokenizer import build_synthetic_tokenizer
 
 CONVERT_HELP = """usage: mmlatent data convert NAME --source PATH_OR_HUB_ID --out DIR [options]
 
@@ -34,7 +35,8 @@ def synth_parser() -> ArgumentParser:
     p = ArgumentParser(prog="mmlatent data synth", description="Write synthetic pointer-chasing shards.")
     p.add_argument("--out", type=str, required=True, help="Output folder (train/, val/ and manifest.json).")
     p.add_argument("--train", type=int, required=True, help="Number of training samples.")
-    p.add_argument("--val", type=int, required=True, help="Number of held-out samples.")
+    p.add_argument("--val", type=int, required=True, help="Number of validation samples (curves, tuning).")
+    p.add_argument("--test", type=int, default=0, help="Number of held-out test samples (final numbers only).")
     p.add_argument("--seed", type=int, default=0, help="Seed; the same seed writes the same bytes.")
     p.add_argument("--samples_per_shard", type=int, default=1000, help="Samples per .tar shard.")
     p.add_argument("--progress", type=bool, default=True, help="Show a progress bar.")
@@ -97,9 +99,10 @@ def convert_main(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: mmlatent data {synth,convert} [options]\n\n"
-              "  synth    write the synthetic reasoning set: mmlatent data synth --out DIR --train N --val M\n"
-              "  convert  convert a corpus to shards: mmlatent data convert {monet,zebra_cot,scienceqa,mmmu} "
+        print("usage: mmlatent data {synth,tokenizer,convert} [options]\n\n"
+              "  synth      write the synthetic reasoning set: mmlatent data synth --out DIR --train N --val M\n"
+              "  tokenizer  build the tiny models' synthetic tokenizer (synth also builds it)\n"
+              "  convert    convert a corpus to shards: mmlatent data convert {monet,zebra_cot,scienceqa,mmmu} "
               "--source PATH_OR_ID --out DIR")
         return 0
     if argv[0] == "convert":
@@ -108,10 +111,18 @@ def main(argv: list[str]) -> int:
         args = synth_parser().parse_args(argv[1:])
         cfg = synth_parser().instantiate_classes(args).generator
         manifest = synthesize(
-            args.out, cfg, train=args.train, val=args.val, seed=args.seed,
+            args.out, cfg, train=args.train, val=args.val, test=args.test, seed=args.seed,
             samples_per_shard=args.samples_per_shard, progress=args.progress,
         )
+        build_synthetic_tokenizer()  # the tiny models' tokenizer, built once per machine
         print(json.dumps({k: {"written": v["written"], "skipped": v["skipped"]} for k, v in manifest["splits"].items()}))
+        return 0
+    if argv[0] == "tokenizer":
+        p = ArgumentParser(prog="mmlatent data tokenizer",
+                           description="Build the tiny models' synthetic tokenizer (once per machine) and print its folder.")
+        p.add_argument("--vocab_size", type=int, default=512, help="Vocabulary size (`tokenizer.synthetic_vocab_size`).")
+        args = p.parse_args(argv[1:])
+        print(json.dumps({"tokenizer": str(build_synthetic_tokenizer(args.vocab_size))}))
         return 0
     print(f"mmlatent data: unknown or unavailable subcommand {argv[0]!r}", file=sys.stderr)
     return 2

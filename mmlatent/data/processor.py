@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from mmlatent.data.batch import IGNORE_INDEX, ProcessedSample
 from mmlatent.data.masks import observation_mask
 from mmlatent.data.sample import SampleError
-from mmlatent.model.tokenizer import SPECIAL, token_ids
+from mmlatent.tokens import SPECIAL, token_ids
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Every sample passes `validate_sample` before it is written; a bad one is skipped, counted by reason and
 logged, never written. The same samples give the same bytes (fixed tar header fields, sorted JSON keys,
 fixed image encoder settings), so a dataset can be checked by hash and regenerated exactly. Each shard is
-written to `NAME.tar.tmp` and renamed when it closes, so an interrupted run never leaves a complete-looking
-shard behind.
+written to a hidden temporary name and renamed when it closes (`mmlatent.atomic`), so an interrupted run
+never leaves a complete-looking shard behind.
 
 The trade-off: shards are cut by sample count only (not by bytes), which keeps shard boundaries a pure
 function of the sample stream and makes resumption and per-rank splitting predictable; shards of samples
@@ -16,16 +16,16 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Literal
+from typing import Iterable, Literal
 
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from mmlatent.atomic import AtomicFile
 from mmlatent.data.sample import IMAGE_EXTENSIONS, SampleError, image_refs_in_order, validate_sample
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,14 @@ def encode_sample(
 
 
 class _AtomicShard:
-    """One open shard: a TarWriter on `path.tmp`, renamed to `path` on `commit`, removed on `abort`."""
+    """One open shard: a TarWriter on a temporary sibling of `path`, moved to `path` on `commit`, removed on
+    `abort` (`mmlatent.atomic.AtomicFile`)."""
 
     def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-        self.file: IO[bytes] = open(self.tmp, "wb")
+        self.path = path
+        self.target = AtomicFile(path)
         self.writer = wds.TarWriter(
-            self.file, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER, mode=0o444
+            self.target.file, encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER, mode=0o444
         )
         self.count = 0
 
@@ -129,17 +130,13 @@ class _AtomicShard:
 
     def commit(self) -> None:
         self.writer.close()  # writes the tar end blocks; the file object stays ours
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        self.target.commit()
 
     def abort(self) -> None:
         try:
             self.writer.close()  # flush tarfile's buffers now, not in a destructor on a closed file
         finally:
-            self.file.close()
-            self.tmp.unlink(missing_ok=True)
+            self.target.abort()
 
 
 def write_shards(

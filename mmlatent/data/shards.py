@@ -25,8 +25,9 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from mmlatent.atomic import write_text
 from mmlatent.data.tar_reader import count_samples
-from mmlatent.model.tokenizer import cache_dir
+from mmlatent.tokens import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,7 @@ def _local_sizes(paths: list[str]) -> dict[str, int]:
             for p, n in zip(missing, counts):
                 cached[os.path.basename(p)] = [*_stamp(p), n]
             try:  # several ranks may write at once: each writes a whole file and renames it
-                file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(cached, sort_keys=True))
-                os.replace(tmp, file)
+                write_text(file, json.dumps(cached, sort_keys=True))
             except OSError as err:
                 log.warning("could not cache shard sizes in %s: %s", file, err)
         for p in members:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Iterator, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmlatent.atomic import write_text
 from mmlatent.data.sample import OBSERVATION_CLOSE, OBSERVATION_OPEN, sample_texts
 from mmlatent.data.shard_writer import RawSample, write_shards
 
@@ -426,23 +426,28 @@ def synthesize(
     *,
     train: int,
     val: int,
+    test: int = 0,
     seed: int = 0,
     samples_per_shard: int = 1000,
     progress: bool = True,
 ) -> dict:
-    """Write `out_dir/{train,val}/shard-*.tar` and `out_dir/manifest.json`; return the manifest.
+    """Write `out_dir/{train,val}/shard-*.tar` (and `test/` when `test > 0`) and `out_dir/manifest.json`;
+    return the manifest. `val` is for decisions during training (validation curves, tuning); `test` is a
+    held-out split no decision may look at. Splits never share a sample (each split seeds its own stream).
 
     Old `shard-*.tar` files in the split folders are removed first, so a smaller re-run leaves no stale
     shards. Shard paths in the manifest are relative to `out_dir`.
     """
-    if train < 0 or val < 0:
-        raise ValueError(f"train and val must be >= 0, got train={train}, val={val}")
+    if train < 0 or val < 0 or test < 0:
+        raise ValueError(f"train, val and test must be >= 0, got train={train}, val={val}, test={test}")
     out = Path(out_dir)
     splits = {}
-    for split, n in (("train", train), ("val", val)):
+    for split, n in (("train", train), ("val", val), ("test", test)):
+        if split == "test" and n == 0:
+            continue
         split_dir = out / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*split_dir.glob("shard-*.tar"), *split_dir.glob("shard-*.tar.tmp")]:
+        for stale in [*split_dir.glob("shard-*.tar"), *split_dir.glob(".shard-*.tar.tmp-*")]:  # old shards, dead writes
             stale.unlink()
         stats = write_shards(
             generate_split(cfg, seed, split, n),
@@ -460,7 +465,5 @@ def synthesize(
         }
     manifest = {"seed": seed, "generator": asdict(cfg), "splits": splits, "format_version": FORMAT_VERSION}
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
+    write_text(out / "manifest.json", text)
     return json.loads(text)  # exactly what the file holds (tuples become lists)

@@ -7,7 +7,7 @@
     mmlatent eval --task mmmu --data DIR --split validation --responses R.jsonl --output OUT
 
 `--model` takes a Lightning checkpoint (`.ckpt`, read by `training.checkpoint_io` with `weights_only=True`)
-or an exported folder or Hub id (`mmlatent.model.pretrained.load_pretrained`). The last line printed is a
+or an exported folder or Hub id (`LatentVLM.from_pretrained`). The last line printed is a
 JSON summary. Plain argparse keeps this command independent of the Lightning CLI; the trade-off is that
 its options are listed here rather than derived from the config dataclass (`EvalConfig` still holds
 their meaning).
@@ -38,9 +38,7 @@ def load_model(path: str, device: str = "cpu", revision: str | None = None) -> L
     elif p.is_dir() and not (p / "config.json").is_file():
         raise ValueError(f"--model {path!r}: a folder without config.json is not an exported model")
     else:
-        from mmlatent.model.pretrained import load_pretrained
-
-        model = load_pretrained(path, revision=revision)
+        model = LatentVLM.from_pretrained(path, revision=revision)
     return model.to(device).eval()
 
 

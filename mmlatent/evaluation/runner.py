@@ -17,7 +17,6 @@ Outputs in OUT/: `samples.jsonl` (one line per question), `results.json` (overal
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mmlatent.atomic import write_text
 from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
 from mmlatent.evaluation.metrics import overall, wilson_interval
 from mmlatent.evaluation.parsing import judge
@@ -194,22 +194,16 @@ def submission(records: list[dict[str, Any]]) -> dict[str, str]:
     return {r["id"]: r["prediction"] if r["prediction"] is not None else "" for r in records}
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_outputs(out_dir: str | Path, data: EvalData, records: list[dict[str, Any]], results: dict[str, Any]) -> Path:
     """Write samples.jsonl, results.json, results.png and (MMMU) submission.json into `out_dir`."""
     from mmlatent.evaluation.chart import plot_results
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if data.task.name == "mmmu":
-        _write_text(out / "submission.json", json.dumps(submission(records), indent=2, ensure_ascii=False) + "\n")
+        write_text(out / "submission.json", json.dumps(submission(records), indent=2, ensure_ascii=False) + "\n")
     plot_results(results, out / "results.png")
     return out
 

@@ -1,12 +1,12 @@
-"""Publishing on the Hugging Face Hub: the model card and `mmlatent export`.
+"""Publishing on the Hugging Face Hub: uploads, the model card and `mmlatent export`.
 
+- `publish.py`: push an export folder, or a model with its card, to a Hub repo (tokens, clear errors).
 - `model_card.py`: the `README.md` of an exported model (YAML metadata, `model-index` results, body).
 - `export.py`: `export_checkpoint` and the `mmlatent export` command (Lightning checkpoint -> Hub-ready
   folder, optionally pushed).
-- `remote_code/`: the configuration and modeling files copied into every exported folder, so that
-  transformers' Auto classes load it with `trust_remote_code=True`.
 
-Saving, loading and uploading a `LatentVLM` itself is `mmlatent.model.pretrained`, which knows nothing of
-Lightning; `export.py` sits on top of the training module. Nothing is imported here, so importing
-`mmlatent.hub` stays cheap.
+The folder format itself (saving and loading a `LatentVLM`, fetching a Hub id, the transformers
+remote-code files) is `mmlatent.model.serialization`, which knows nothing of this package: the
+dependency points hub -> model. `export.py` sits on top of the training module. Nothing is imported
+here, so importing `mmlatent.hub` stays cheap.
 """

@@ -2,7 +2,7 @@
 
 The checkpoint is read with `LatentVLMModule.load_from_checkpoint(..., weights_only=True)` (no pickle of
 arbitrary objects: hyper-parameters are plain dicts). The folder gets the model files of
-`mmlatent.model.pretrained` (config, safetensors weights, LM folder, tokenizer, image transform), the
+`mmlatent.model.serialization` (config, safetensors weights, LM folder, tokenizer, image transform), the
 module's decoding settings as `generation_config.json`, the training settings under `training/` (the
 checkpoint's `hparams.json` and copies of the stage YAML configs given with `--stage-configs`, so all three
 stages' recipes travel with the model), and `README.md`, the model card with evaluation results in
@@ -24,15 +24,9 @@ import yaml
 from jsonargparse import ArgumentParser, set_parsing_settings
 
 from mmlatent.hub.model_card import BenchmarkResult, CardInfo, build_model_card, read_results
-from mmlatent.model.pretrained import (
-    DEFAULT_MAX_SHARD_SIZE,
-    HubAccessError,
-    atomic_folder,
-    push_to_hub as push_folder,
-    resolve_token,
-    write_json,
-    write_model_files,
-)
+from mmlatent.atomic import atomic_folder, write_json
+from mmlatent.hub.publish import push_folder, resolve_token
+from mmlatent.model.serialization import DEFAULT_MAX_SHARD_SIZE, HubAccessError, write_model_files
 
 TRAINING_FOLDER = "training"
 HPARAMS_FILE = "hparams.json"
@@ -100,7 +94,7 @@ def export_checkpoint(
     module = LatentVLMModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     model = module.model.eval()
     hparams = json.loads(json.dumps(dict(module.hparams)))  # plain JSON types (tuples become lists)
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, if_exists="replace" if overwrite else "error") as tmp:
         files = write_model_files(model, tmp, max_shard_size=max_shard_size, generation=module.gen_cfg)
         (tmp / TRAINING_FOLDER).mkdir()
         write_json(tmp / TRAINING_FOLDER / HPARAMS_FILE, {"checkpoint": Path(ckpt).name, **hparams})

@@ -14,7 +14,8 @@ projection everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import torch
 from PIL import Image
@@ -57,11 +58,11 @@ class Backbone(nn.Module):
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         """(B, L) -> (B, L, D) token embeddings."""
-        raise NotImplementedError
+        return self.transformers_model.get_input_embeddings()(input_ids)
 
     def lm_head(self, hidden: Tensor) -> Tensor:
         """(..., D) -> (..., V) logits."""
-        raise NotImplementedError
+        return self.transformers_model.get_output_embeddings()(hidden)
 
     def new_cache(self) -> Cache:
         raise NotImplementedError
@@ -78,6 +79,14 @@ class Backbone(nn.Module):
         image layout (Qwen2.5-VL's multimodal rotary positions) keep it; the default ignores it.
         """
 
+    def lm_positions(self, position_ids: Tensor, start: int) -> Tensor:
+        """The decoder's position ids for 1D `position_ids` (B, S) at columns start .. start+S-1 (default: as given)."""
+        return position_ids
+
+    def running(self, cache: Cache | None) -> ContextManager:
+        """Context of one decoder call with `cache` (native backbones track it for activation checkpointing)."""
+        return nullcontext()
+
     def truncate_cache(self, cache: Cache, length: int) -> None:
         """Cut `cache` back to its first `length` positions, in place."""
         extra = cache.get_seq_length() - length
@@ -93,7 +102,25 @@ class Backbone(nn.Module):
         output_hidden_states: bool = False,
         logits: bool = True,
     ) -> LMOutput:
-        raise NotImplementedError
+        """One decoder forward on `inputs_embeds` (B, S, D) with explicit 1D positions (B, S), appending to
+        `cache` when given; the head runs only when `logits`."""
+        start = cache.get_seq_length() if cache is not None else 0  # the column of this segment's first input
+        with self.running(cache):
+            out = self.transformers_model.get_decoder()(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=self.lm_positions(position_ids, start),
+                cache=cache,
+                use_cache=cache is not None,
+                output_hidden_states=output_hidden_states,
+            )
+        last = out.last_hidden_state  # (B, S, D)
+        return LMOutput(
+            last_hidden=last,
+            logits=self.lm_head(last) if logits else None,
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            cache=getattr(out, "cache", None),
+        )
 
 
 class ComposedBackbone(Backbone):
@@ -120,40 +147,9 @@ class ComposedBackbone(Backbone):
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 
-    def embed_tokens(self, input_ids: Tensor) -> Tensor:
-        return self.lm.get_input_embeddings()(input_ids)
-
-    def lm_head(self, hidden: Tensor) -> Tensor:
-        return self.lm.get_output_embeddings()(hidden)
-
     def new_cache(self) -> Cache:
         return DynamicCache(config=self.lm.config)
 
     @property
     def transformers_model(self) -> PreTrainedModel:
         return self.lm
-
-    def forward_lm(
-        self,
-        inputs_embeds: Tensor,
-        attention_mask: Tensor | None,
-        position_ids: Tensor,
-        cache: Cache | None = None,
-        output_hidden_states: bool = False,
-        logits: bool = True,
-    ) -> LMOutput:
-        out = self.lm.get_decoder()(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            output_hidden_states=output_hidden_states,
-        )
-        last = out.last_hidden_state  # (B, L, D)
-        return LMOutput(
-            last_hidden=last,
-            logits=self.lm_head(last) if logits else None,
-            hidden_states=out.hidden_states if output_hidden_states else None,
-            cache=getattr(out, "cache", None),
-        )

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from mmlatent.model.latent_vlm import LatentVLM
+
 from mmlatent.model.interventions import (
     INTERVENTIONS, Intervention, LatentEdit, NoiseLatents, ReplayLatents, ZeroLatents, swap_donors,
 )
-from mmlatent.model.latent_vlm import LatentVLM
 
 
 @dataclass

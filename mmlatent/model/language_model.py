@@ -10,14 +10,11 @@ The embedding matrix is resized to the tokenizer (which gained mmlatent's specia
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from mmlatent.model.pretrained_source import DTYPES, PretrainedSource
 from mmlatent.model.weight_memory import own_aligned_memory
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -45,20 +42,12 @@ class RandomLMConfig:
 
 
 @dataclass
-class LanguageModelConfig:
-    """Which causal LM to use and how to load it."""
+class LanguageModelConfig(PretrainedSource):
+    """Which causal LM to use and how to load it (`name_or_path`, `revision`, `dtype`, `attn_implementation`:
+    see `PretrainedSource`)."""
 
-    name_or_path: str | None = None
-    """A Hub id (`Qwen/Qwen2.5-0.5B-Instruct`) or a local folder written by `save_pretrained`. None builds a
-    random model from `random_init`."""
-    revision: str | None = None
-    """Hub revision when `name_or_path` is a Hub id."""
     random_init: RandomLMConfig = field(default_factory=RandomLMConfig)
     """Shape of the random model (ignored when `name_or_path` is set)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype at load time. Mixed precision is the Trainer's `precision` setting, not this."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel. `sdpa` runs everywhere and accepts the 4D masks the latent stages use."""
     trust_remote_code: bool = False
     """Allow modelling code from the Hub repository. Off by default (DESIGN §5)."""
     freeze: bool = False

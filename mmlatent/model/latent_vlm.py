@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from mmlatent.model import serialization
 from mmlatent.model.backbone import ComposedBackbone, LMOutput
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.diffusion_head import DiffusionHead
@@ -27,7 +29,8 @@ from mmlatent.model.lora import LoraAdapters, LoraConfig, apply_lora
 from mmlatent.model.lq_former import LQFormer
 from mmlatent.model.native_backbone import build_native_backbone
 from mmlatent.model.sketch_head import SketchHead
-from mmlatent.model.tokenizer import load_tokenizer, token_ids
+from mmlatent.model.tokenizer import load_tokenizer
+from mmlatent.tokens import token_ids
 
 
 @dataclass
@@ -156,29 +159,16 @@ class LatentVLM(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, dir_or_hub_id: str, revision: str | None = None, token: str | None = None) -> "LatentVLM":
-        """Load a folder written by `save_pretrained` / `mmlatent export`, or a Hub id (safetensors only)."""
-        from mmlatent.model.pretrained import load_pretrained
+    def from_pretrained(cls, dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> "LatentVLM":
+        """Load a folder written by `save_pretrained` / `mmlatent export`, or a Hub id (safetensors only), in
+        eval mode on the CPU, computing exactly what the saved model did."""
+        cfg, state = serialization.read_pretrained(dir_or_hub_id, revision=revision, token=token)
+        return serialization.restore(cls(cfg), state, where=dir_or_hub_id)
 
-        return load_pretrained(dir_or_hub_id, revision=revision, token=token)
-
-    def save_pretrained(self, out_dir: str, max_shard_size: int | str = "5GB", generation=None, overwrite: bool = False):
-        """Write this model as a Hub-ready folder (atomic; sharded safetensors past `max_shard_size`)."""
-        from mmlatent.model.pretrained import save_pretrained
-
-        return save_pretrained(self, out_dir, max_shard_size=max_shard_size, generation=generation, overwrite=overwrite)
-
-    def push_to_hub(
-        self, repo_id: str, private: bool = False, revision: str | None = None, token: str | None = None,
-        max_shard_size: int | str = "5GB", generation=None, commit_message: str | None = None,
-    ):
-        """Save with a model card and upload to `repo_id` (token: argument, HF_TOKEN or the login cache)."""
-        from mmlatent.model.pretrained import push_model_to_hub
-
-        return push_model_to_hub(
-            self, repo_id, private=private, revision=revision, token=token,
-            max_shard_size=max_shard_size, generation=generation, commit_message=commit_message,
-        )
+    def save_pretrained(self, out_dir: str | Path, max_shard_size: int | str = "5GB", generation=None, overwrite: bool = False) -> Path:
+        """Write this model as a Hub-ready folder (atomic; sharded safetensors past `max_shard_size`).
+        Upload it with `mmlatent.hub.publish.push_folder`, or write and upload at once with `push_model`."""
+        return serialization.save_pretrained(self, out_dir, max_shard_size=max_shard_size, generation=generation, overwrite=overwrite)
 
     def merge_lora(self) -> "LatentVLM":
         """Fold the LoRA adapters into the LM's weights, in place; the model becomes a plain one.

@@ -36,10 +36,10 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, Cache,
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from mmlatent.model.backbone import Backbone, LMOutput
-from mmlatent.model.language_model import DTYPES
-from mmlatent.model.tokenizer import SPECIAL
+from mmlatent.model.backbone import Backbone
+from mmlatent.model.pretrained_source import DTYPES, PretrainedSource
 from mmlatent.model.weight_memory import own_aligned_memory
+from mmlatent.tokens import SPECIAL
 
 NativeKind = Literal["qwen2_5_vl", "llava"]
 
@@ -75,24 +75,16 @@ class RandomNativeConfig:
 
 
 @dataclass
-class NativeBackboneConfig:
-    """Which native VLM to load and how (used when `ModelConfig.backbone` is not `composed`)."""
+class NativeBackboneConfig(PretrainedSource):
+    """Which native VLM to load and how (used when `ModelConfig.backbone` is not `composed`); `name_or_path`
+    (model and image processor), `revision`, `dtype`, `attn_implementation`: see `PretrainedSource`."""
 
-    name_or_path: str | None = None
-    """A Hub id (`Qwen/Qwen2.5-VL-3B-Instruct`, `llava-hf/llava-1.5-7b-hf`) or a local folder written by
-    `save_pretrained` (model and image processor). None builds a random model from `random_init`."""
-    revision: str | None = None
-    """Hub revision when `name_or_path` is a Hub id."""
     random_init: RandomNativeConfig = field(default_factory=RandomNativeConfig)
     """Shape of the random model (ignored when `name_or_path` is set)."""
     image_size: int | None = None
     """Side in pixels every image is resized to (square). Qwen2.5-VL: a multiple of patch × merge size (28 for
     the released models), giving (image_size / 28)² tokens; None: 448 (256 tokens), or `random_init.image_size`
     for a random model. LLaVA: None (the image processor crops to the vision tower's size)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype at load time. Mixed precision is the Trainer's `precision` setting, not this."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel. `sdpa` runs everywhere and accepts the 4D masks of the latent stages."""
     freeze_vision: bool = True
     """Freeze the vision tower (not its projector)."""
     freeze_projector: bool = False
@@ -282,12 +274,6 @@ class NativeBackbone(Backbone):
 
     # ---------------------------------------------------------------------------------- the interface
 
-    def embed_tokens(self, input_ids: Tensor) -> Tensor:
-        return self.vlm.get_input_embeddings()(input_ids)
-
-    def lm_head(self, hidden: Tensor) -> Tensor:
-        return self.vlm.get_output_embeddings()(hidden)
-
     def new_cache(self) -> Cache:
         return ReplayCache(config=self.vlm.config.get_text_config())
 
@@ -302,39 +288,14 @@ class NativeBackbone(Backbone):
     def bind_images(self, image_mask: Tensor) -> None:
         self._image_mask = image_mask
 
-    def lm_positions(self, position_ids: Tensor, start: int) -> Tensor:
-        """The decoder's position ids for 1D `position_ids` (B, S) at columns start .. start+S-1."""
-        return position_ids
-
-    def forward_lm(
-        self,
-        inputs_embeds: Tensor,
-        attention_mask: Tensor | None,
-        position_ids: Tensor,
-        cache: Cache | None = None,
-        output_hidden_states: bool = False,
-        logits: bool = True,
-    ) -> LMOutput:
-        start = cache.get_seq_length() if cache is not None else 0  # the column of this segment's first input
+    @contextmanager
+    def running(self, cache: Cache | None) -> Iterator[None]:
+        """Keep the cache of the decoder call in progress, for the checkpointing contexts (`ReplayCache`)."""
         self._active_cache = cache
         try:
-            out = self.vlm.get_decoder()(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=self.lm_positions(position_ids, start),
-                cache=cache,
-                use_cache=cache is not None,
-                output_hidden_states=output_hidden_states,
-            )
+            yield
         finally:
             self._active_cache = None
-        last = out.last_hidden_state  # (B, S, D)
-        return LMOutput(
-            last_hidden=last,
-            logits=self.lm_head(last) if logits else None,
-            hidden_states=out.hidden_states if output_hidden_states else None,
-            cache=getattr(out, "cache", None),
-        )
 
     def image_transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
         raise NotImplementedError

@@ -2,9 +2,8 @@
 `last.ckpt` that is always the run's latest state (`LatestCheckpoint`, below).
 
 `AtomicCheckpointIO` is Lightning's `TorchCheckpointIO` with a different `save_checkpoint`: it writes the
-checkpoint to a hidden temporary file in the same folder (`.NAME.tmp-PID`), flushes and fsyncs it, and
-renames it over the target with `os.replace` (atomic on POSIX file systems), then fsyncs the folder so the
-rename survives a power cut. A write that fails partway (disk full, a killed process, a bad object)
+checkpoint durably and atomically through `mmlatent.atomic.write_bytes` (a hidden temporary file in the
+same folder, fsynced, renamed over the target, the folder fsynced so the rename survives a power cut). A write that fails partway (disk full, a killed process, a bad object)
 leaves the previous checkpoint untouched and removes its temporary file, so `--ckpt_path=last` always
 finds the last good state. Lightning's own writer streams into the target path (through an fsspec
 transaction whose temporary file may live on another file system), so a crash mid-write can leave a
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,31 +30,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mmlatent.atomic import write_bytes
+
 log = logging.getLogger(__name__)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is never seen half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # some file systems do not support fsync on folders
 
 
 def _to_storage(storage, location):
@@ -65,7 +41,7 @@ def _to_storage(storage, location):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`TorchCheckpointIO` that writes through a temporary file and `os.replace`, and loads weights only."""
+    """`TorchCheckpointIO` that writes atomically (`mmlatent.atomic`) and loads weights only."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -74,7 +50,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        write_bytes(path, buffer.getvalue(), durable=True)
 
     def load_checkpoint(self, path, map_location: Any = _to_storage, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's loader with `weights_only=True` unless the caller says otherwise."""

@@ -14,7 +14,6 @@ step, which for stage 2 is the inline layout's full forward and for stage 3 a wh
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mmlatent.atomic import atomic_path, write_text
 from mmlatent.data.batch import Batch
 from mmlatent.data.masks import observation_mask
 from mmlatent.model.latent_loop import latent_forward
@@ -121,13 +121,10 @@ def write_teacher_cache(
             dupes = sorted(set(tensors) & set(keys))
             if dupes:
                 raise ValueError(f"sample key(s) {dupes[:5]} appear twice in the shards: the cache is keyed by sample key")
-            tmp = out / f".{part}.tmp"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, out / part)
+            with atomic_path(out / part) as tmp:
+                save_file(tensors, str(tmp))
             keys.update({k: part for k in tensors})
             skipped.update(batch.skipped)
             bar.update(len(batch))
-    tmp = out / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "positions": kind, "keys": keys}, indent=0))
-    os.replace(tmp, out / INDEX)
+    write_text(out / INDEX, json.dumps({"format_version": FORMAT_VERSION, "positions": kind, "keys": keys}, indent=0))
     return len(keys), skipped

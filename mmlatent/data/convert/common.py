@@ -48,6 +48,7 @@ from typing import Any, ClassVar, Iterable, Iterator, NamedTuple
 
 from tqdm import tqdm
 
+from mmlatent.atomic import move, write_json
 from mmlatent.data.convert.images import ImageFormat, ImageOptions
 from mmlatent.data.convert.skiplog import SKIPS_FILE, Skip, SkipLog
 from mmlatent.data.convert.sources import SourceInfo, parquet_columns_and_rows, parquet_num_rows
@@ -290,12 +291,6 @@ class _Progress:
                 "skipped": dict(sorted(self.skipped.items())), "skips_bytes": self.skips_bytes}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(old) | set(new)):
@@ -308,7 +303,7 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _clear(out: Path) -> None:
-    for path in [*out.glob(f"{SHARD_PREFIX}-*.tar"), *out.glob(f"{SHARD_PREFIX}-*.tar.tmp"),
+    for path in [*out.glob(f"{SHARD_PREFIX}-*.tar"), *out.glob(f".{SHARD_PREFIX}-*.tar.tmp-*"),
                  out / STATE_FILE, out / "manifest.json", out / SKIPS_FILE]:
         path.unlink(missing_ok=True)
     shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
@@ -441,7 +436,7 @@ def _convert(converter: Converter, out: Path, options: ConvertOptions, identity:
         "skips_file": SKIPS_FILE,
         "complete": True,
     }
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     (out / STATE_FILE).unlink(missing_ok=True)
     n_skipped = sum(progress.skipped.values())
     log.info("%s: %d samples in %d shards from %d records; skipped %d %s%s", out, progress.written,
@@ -485,12 +480,12 @@ def _write(converter: Converter, out: Path, options: ConvertOptions, identity: d
             if not stats.shards:
                 break
             name = f"{SHARD_PREFIX}-{len(progress.shards):06d}.tar"
-            os.replace(stats.shards[0], out / name)
+            move(stats.shards[0], out / name, durable=True)
             progress.shards.append(name)
             progress.written += stats.written
             progress.records = position["records"]
             progress.skips_bytes = skips.offset()
-            _write_json(out / STATE_FILE, progress.to_json(identity))
+            write_json(out / STATE_FILE, progress.to_json(identity))
             if options.progress:
                 bar.set_postfix(written=progress.written, skipped=sum(progress.skipped.values()), refresh=False)
     finally:

@@ -1,4 +1,4 @@
-"""Save a `LatentVLM` as a Hub-ready folder, load it back exactly, and upload folders to the Hub.
+"""The folder format of a `LatentVLM`: save it as a Hub-ready folder and load it back exactly.
 
 Folder layout (format version 1), every file written deterministically (sorted keys, stable JSON, safetensors
 with fixed metadata) so saving a loaded model again gives the same bytes:
@@ -26,9 +26,20 @@ The written `ModelConfig` is relocatable: `tokenizer.name_or_path` is `"."` (the
 `lm.name_or_path` is `"lm"` (native: `native.name_or_path` is `"vlm"` and `native.image_size` is pinned), `vision.pretrained`
 is None, revisions are None. LoRA adapters are merged into the weights before writing. The loader resolves those
 against the folder it reads, so a local folder loads with no network and no file outside it; a Hub id is
-first fetched whole with `snapshot_download`. Weights are read from safetensors only; nothing is unpickled.
-Writes are atomic: everything goes to a temporary folder beside the target, which is renamed into place.
+first fetched whole with huggingface_hub's `snapshot_download` (as transformers fetches a Hub LM), with a
+clear `HubAccessError` when that cannot work. Weights are read from safetensors only; nothing is unpickled.
+Writes are atomic (`mmlatent.atomic.atomic_folder`). Uploading and model cards are `mmlatent.hub`'s job;
+this module knows nothing of them (the dependency points hub -> model).
+
+Loaded weights are copied into memory of their own (`weight_memory.py`), so a loaded model computes bit
+for bit what the saved one did.
+
+huggingface_hub's `ModelHubMixin` was considered for the download and push halves. It does not fit without
+losses: its `save_pretrained` writes into the target folder in place (not atomically) after deleting
+`config.json`, and its `__new__` re-derives a config from `__init__` arguments beside our typed
+`ModelConfig`; so the format stays here and `mmlatent.hub.publish` pushes through `HfApi` directly.
 """
+
 
 from __future__ import annotations
 
@@ -37,19 +48,14 @@ import dataclasses
 import enum
 import importlib
 import json
-import os
 import shutil
-import tempfile
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import HfApi, get_token, save_torch_state_dict, snapshot_download
+from huggingface_hub import save_torch_state_dict, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
-    HfHubHTTPError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
@@ -61,14 +67,17 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
 
+from mmlatent.atomic import atomic_folder, write_json
 from mmlatent.config_io import from_dict, to_dict
-from mmlatent.hub.remote_code import AUTO_MAP, MODEL_TYPE, remote_code_files
 from mmlatent.model.backbone import ComposedBackbone
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig
-from mmlatent.model.latent_vlm import LatentVLM
+from mmlatent.model.remote_code import AUTO_MAP, MODEL_TYPE, remote_code_files
 from mmlatent.model.vision_tower import NAME_SCHEMES
 from mmlatent.model.weight_memory import own_aligned_memory
+
+if TYPE_CHECKING:
+    from mmlatent.model.latent_vlm import LatentVLM
 
 FORMAT_VERSION = 1
 """Version of the folder layout; bump on incompatible changes (the loader refuses newer versions)."""
@@ -99,48 +108,8 @@ class HubAccessError(RuntimeError):
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Stable JSON: sorted keys, two-space indent, UTF-8, trailing newline."""
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-@contextmanager
-def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` by rename.
-
-    An existing non-empty `out_dir` is replaced only with `overwrite=True`. On any error the temporary
-    folder is removed and `out_dir` is left as it was.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        _publish_modes(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish_modes(folder: Path) -> None:
-    """Folders 0755, files 0644 (mkdtemp and safetensors' own atomic writes create them owner-only)."""
-    os.chmod(folder, 0o755)
-    for path in folder.rglob("*"):
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
 
 
 def portable_config(cfg: ModelConfig, image_size: int | None = None) -> ModelConfig:
@@ -342,7 +311,7 @@ def save_pretrained(
         generation: Decoding settings to store as `generation_config.json`.
         overwrite: Replace an existing non-empty `out_dir`.
     """
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+    with atomic_folder(out_dir, if_exists="replace" if overwrite else "error") as tmp:
         write_model_files(model, tmp, max_shard_size=max_shard_size, generation=generation)
     return Path(out_dir)
 
@@ -350,7 +319,7 @@ def save_pretrained(
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
+def transport_errors() -> tuple[type[BaseException], ...]:
     """Connection-level errors of the HTTP client huggingface_hub uses (`httpx2` in 2.4, `httpx` before)."""
     errors: list[type[BaseException]] = [OfflineModeIsEnabled]
     for module in ("httpx2", "httpx"):
@@ -394,7 +363,7 @@ def resolve_folder(dir_or_hub_id: str | Path, revision: str | None = None, token
         ) from err
     except RevisionNotFoundError as err:
         raise HubAccessError(f"{where}: no such revision. ({err})") from err
-    except _transport_errors() as err:
+    except transport_errors() as err:
         raise HubAccessError(f"could not reach the Hugging Face Hub to download {where}: {err}") from err
 
 
@@ -454,30 +423,32 @@ def read_weights(folder: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def load_pretrained(dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> LatentVLM:
-    """Build the `LatentVLM` saved in a folder (or Hub repo), in eval mode, on the CPU, exactly as saved.
+def read_pretrained(dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The config (sources resolved inside the folder) and the non-backbone weights of a saved model.
 
-    Args:
-        dir_or_hub_id: A folder written by `save_pretrained` / `mmlatent export`, or a Hub id (`org/name`).
-        revision: Branch, tag or commit of a Hub id.
-        token: Hub token for private repos (default: HF_TOKEN or the login cache).
+    The caller builds the model from the config (which loads the LM or native VLM from the folder) and puts
+    the weights in with `restore`; `LatentVLM.from_pretrained` does both.
     """
     folder = resolve_folder(dir_or_hub_id, revision=revision, token=token)
-    model = LatentVLM(loading_config(read_config(folder), folder))
-    state = read_weights(folder)
+    return loading_config(read_config(folder), folder), read_weights(folder)
+
+
+def restore(model: LatentVLM, state: dict[str, Tensor], where: str | Path = "the folder") -> LatentVLM:
+    """Put `read_pretrained`'s weights into `model` (built from its config): eval mode, on the CPU, exactly
+    as saved, every tensor in memory of its own."""
     prefix = _backbone_prefix(model.cfg)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{folder}: weights do not match the model built from {CONFIG_FILE}: "
+            f"{where}: weights do not match the model built from {CONFIG_FILE}: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise ValueError(
-                f"{folder}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+                f"{where}: {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
             )
     # assign=True keeps the stored dtypes (a bf16 save stays bf16); requires_grad stays the module's
     model.load_state_dict(state, strict=False, assign=True)
@@ -490,88 +461,3 @@ def load_generation_config(
     """The folder's `generation_config.json` as a `GenerationConfig` (the defaults when there is none)."""
     path = resolve_folder(dir_or_hub_id, revision=revision, token=token) / GENERATION_FILE
     return from_dict(GenerationConfig, read_json(path), path="generation") if path.exists() else GenerationConfig()
-
-
-# ---------------------------------------------------------------------------------------------- publishing
-
-
-def resolve_token(token: str | None = None) -> str:
-    """`token`, else HF_TOKEN, else the login cache (`hf auth login`); a clear error when there is none."""
-    token = token or get_token()
-    if not token:
-        raise HubAccessError(
-            "no Hugging Face token: set the HF_TOKEN environment variable or run `hf auth login` "
-            "(a token with write access is needed to push)"
-        )
-    return token
-
-
-def push_to_hub(
-    folder: str | Path,
-    repo_id: str,
-    private: bool = False,
-    revision: str | None = None,
-    token: str | None = None,
-    commit_message: str | None = None,
-):
-    """Upload an export folder to the Hub model repo `repo_id`; return the `CommitInfo`.
-
-    Creates the repo if needed (`private` applies only then; an existing repo keeps its visibility) and the
-    branch `revision` if given and missing. Raises `HubAccessError` naming the problem: no token, offline
-    mode, no network, a rejected token or no write access.
-    """
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).exists():
-        raise FileNotFoundError(f"{folder}: no {CONFIG_FILE}; push an mmlatent export folder")
-    validate_repo_id(repo_id)
-    api = HfApi(token=resolve_token(token), library_name=LIBRARY_NAME)
-    try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message or f"Upload {folder.name} with mmlatent",
-        )
-    except OfflineModeIsEnabled as err:
-        raise HubAccessError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to upload") from err
-    except HfHubHTTPError as err:
-        status = getattr(err.response, "status_code", None)
-        if status == 401:
-            raise HubAccessError(f"cannot push to {repo_id}: the Hub rejected the token (401). ({err})") from err
-        if status == 403:
-            raise HubAccessError(f"cannot push to {repo_id}: the token has no write access (403). ({err})") from err
-        raise HubAccessError(f"cannot push to {repo_id}: {err}") from err
-    except _transport_errors() as err:
-        raise HubAccessError(
-            f"cannot push to {repo_id}: the Hugging Face Hub is unreachable (no network?): {err}"
-        ) from err
-
-
-def push_model_to_hub(
-    model: LatentVLM,
-    repo_id: str,
-    private: bool = False,
-    revision: str | None = None,
-    token: str | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    generation: GenerationConfig | None = None,
-    commit_message: str | None = None,
-):
-    """Save `model` to a temporary folder with a model card and push it (what `LatentVLM.push_to_hub` does)."""
-    from mmlatent.hub.model_card import CardInfo, build_model_card
-
-    token = resolve_token(token)  # fail before writing anything
-    with tempfile.TemporaryDirectory(prefix="mmlatent-push-") as tmp:
-        folder = Path(tmp) / repo_id.split("/")[-1]
-        folder.mkdir()
-        files = write_model_files(model, folder, max_shard_size=max_shard_size, generation=generation)
-        card = build_model_card(
-            model.cfg, CardInfo(model_name=repo_id.split("/")[-1]), num_parameters=model.num_parameters(), files=files
-        )
-        card.save(folder / "README.md")
-        return push_to_hub(folder, repo_id, private=private, revision=revision, token=token,
-                           commit_message=commit_message)

@@ -1,12 +1,12 @@
-"""The two files `mmlatent export` copies into every exported folder, so that transformers' Auto classes load
-it with `trust_remote_code=True` (when mmlatent is installed):
+"""The two files every saved folder carries, so that transformers' Auto classes load it with
+`trust_remote_code=True` (when mmlatent is installed):
 
     AutoConfig.from_pretrained(folder_or_hub_id, trust_remote_code=True)   -> LatentVLMConfig
     AutoModel.from_pretrained(folder_or_hub_id, trust_remote_code=True)    -> mmlatent's LatentVLM
 
-`config.json` names them in its `auto_map`. They are thin on purpose: the model class hands loading to
-`LatentVLM.from_pretrained` (safetensors only, the same path as `mmlatent`'s own loader), so there is one
-loading path, not two. `remote_code_files` lists them for the exporter.
+`config.json` names them in its `auto_map`, and `mmlatent.model.serialization` copies them beside it. They
+are thin on purpose: the model class hands loading to `LatentVLM.from_pretrained` (safetensors only, the
+same path as `mmlatent`'s own loader), so there is one loading path, not two. `remote_code_files` lists them.
 """
 
 from __future__ import annotations

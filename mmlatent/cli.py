@@ -7,13 +7,24 @@ their own small parsers. The dispatch is by the first word only.
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
+import warnings
+from argparse import ArgumentError
+from pathlib import Path
+
+import yaml
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+from mmlatent.config_io import ConfigError
+
 # Field docstrings of the typed configs (attribute docstrings, as litgpt writes them) become --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+# the CLI hands LightningCLI the (preset-expanded) arguments explicitly, also when run from a shell
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -43,31 +54,129 @@ TRAINER_DEFAULTS = {
 
 
 class MMLatentCLI(LightningCLI):
-    """LightningCLI with mmlatent's module and data module, CSV logging and atomic checkpoint writes by default."""
+    """LightningCLI with mmlatent's module and data module, CSV logging and atomic checkpoint writes by default.
 
-    def __init__(self, args: list[str] | None):
+    Two additions. A model config naming a preset (`model.vlm.preset: tiny-demo`) starts from that preset's
+    fields and every field given beside it overrides them (`with_preset`). A bad option or config key is
+    reported in a few lines, first, naming where it came from and the closest valid key, instead of after
+    the whole usage text (`explain`); `--help` still prints the usage.
+    """
+
+    def __init__(self, args: list[str]):
         from mmlatent.training.datamodule import ShardDataModule
         from mmlatent.training.module import LatentVLMModule
 
+        self._args = args
         super().__init__(
             LatentVLMModule,
             ShardDataModule,
-            args=args,
+            args=with_preset(args),
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "mmlatent"},
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        subcommand = args[0] if args else None
+        parsers = [parser, *getattr(parser._subcommands_action, "_name_parser_map", {}).values()]
+        for p in parsers:
+            p.exit_on_error = False
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            sub = parser._subcommands_action._name_parser_map.get(subcommand, parser)
+            print(explain(str(err), self._args, list(sub.get_defaults().keys()), subcommand), file=sys.stderr)
+            sys.exit(2)
+
+
+def config_sources(args: list[str]) -> list[tuple[str, dict]]:
+    """(where, parsed YAML) of every `-c/--config` value in `args`, in order (a path, or YAML text)."""
+    out = []
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        if value is None:
+            continue
+        try:
+            text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+            data = yaml.safe_load(text)
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict):
+            out.append((value if Path(value).is_file() else "a --config string", data))
+    return out
+
+
+def _dotted(data: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def with_preset(args: list[str]) -> list[str]:
+    """`args` with the named model preset's fields put first, so everything the user gave overrides them.
+
+    The preset is the last `model.vlm.preset` among the config files and `--model.vlm.preset` options."""
+    name = None
+    for i, arg in enumerate(args):
+        if arg.startswith("--model.vlm.preset="):
+            name = arg.split("=", 1)[1]
+        elif arg == "--model.vlm.preset" and i + 1 < len(args):
+            name = args[i + 1]
+        elif arg in ("-c", "--config") or arg.startswith("--config="):
+            found = [_dotted(data, "model.vlm.preset") for _, data in config_sources(args[i : i + 2])]
+            name = next((f for f in found if f), name)
+    if not name or not args or args[0] not in LIGHTNING_COMMANDS:
+        return args
+    from mmlatent.config_io import to_dict
+    from mmlatent.model.presets import preset
+
+    base = {"model": {"vlm": to_dict(preset(name))}}
+    return [args[0], "--config", yaml.safe_dump(base), *args[1:]]
+
+
+def explain(message: str, args: list[str], valid_keys: list[str], subcommand: str | None) -> str:
+    """A parse error in a few lines: what is wrong, which file (or the command line) gave it, the closest
+    valid key, and where the full list is."""
+    message = message.strip().splitlines()
+    first = message[0] if message else "invalid arguments"
+    key = None
+    for pattern in (r"option '([\w.]+)'", r"--([\w.]+)=", r"--([\w.]+)", r'key "([\w.]+)"', r"Key '([\w.]+)'"):
+        m = re.search(pattern, " ".join(message))
+        if m:
+            key = m.group(1)
+            break
+    lines = [f"mmlatent {subcommand or ''}: error: {first}".replace("  ", " ")]
+    lines += [f"  {line.strip()}" for line in message[1:3]]
+    if key:
+        on_line = any(a == f"--{key}" or a.startswith(f"--{key}=") for a in args)
+        files = [src for src, data in config_sources(args) if _dotted(data, key) is not None]
+        where = "the command line" if on_line or not files else files[-1]  # the last one given wins
+        lines.append(f"  key: {key} (from {where})")
+        close = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.6)
+        if close and close[0] != key:
+            lines.append(f"  did you mean: {close[0]}")
+    lines.append(f"  all options: mmlatent {subcommand or ''} --help".replace("  --", " --"))
+    return "\n".join(lines)
+
 
 def main(argv: list[str] | None = None) -> int:
-    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0
     command, rest = argv[0], argv[1:]
     if command in LIGHTNING_COMMANDS:
-        MMLatentCLI(None if from_shell else [command, *rest])  # None: LightningCLI reads sys.argv itself
+        try:
+            MMLatentCLI([command, *rest])
+        except ConfigError as err:  # a bad setting found when the run starts (a shard path, a field's value)
+            print(f"mmlatent {command}: error: {err}", file=sys.stderr)
+            return 2
         return 0
     if command == "data":
         from mmlatent.data.command import main as data_main

@@ -16,6 +16,11 @@ from typing import Any, TypeVar, Union
 T = TypeVar("T")
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work, found when a run starts (a shard path that matches nothing, a value out of
+    range). The message names the field; `mmlatent` prints it as one line instead of a traceback."""
+
+
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     """`cls(**data)` with nested dataclasses rebuilt; `data` may already be a `cls`."""
     if isinstance(data, cls) or not isinstance(data, dict):

@@ -1,53 +1,87 @@
-"""`make demo`: the whole pipeline on the tiny default, on CPU, with no network.
+"""`make demo`: the whole pipeline on the tiny default, on CPU, with no network, and what it shows.
 
-1. synthetic shards (pointer chasing on a grid; held-out split never used for training decisions);
-2. stage 1 (SFT teacher), stage 2 (latent distillation), stage 3 (latent only), each from the previous;
-3. a direct-answer baseline with the same number of optimiser steps as stages 1-3 together;
-4. evaluation on the held-out split in three modes: direct, CoT (stage 1 writing its reasoning in text)
-   and latent (stage 3), with accuracy, generated positions per answer and seconds per question;
-5. export of the stage-3 model to `OUT/export` (a Hub-ready folder, loaded back to check it), and a
-   picture of one latent block (`OUT/latent_block.png`).
-It prints a table and writes `OUT/results.json`. Each training step is skipped when its checkpoint exists,
-so a re-run continues where it stopped (delete OUT to start afresh).
+1. synthetic shards: a training split of distinct samples (every step sees new ones), a validation split for
+   the learning curves, and a held-out test split used for the final numbers only;
+2. stage 1 (SFT teacher), stage 2 (latent distillation), stage 3 (latent only), each from the previous
+   checkpoint, through `mmlatent fit` with the tiny recipes shipped in the package (`mmlatent/recipes/tiny`);
+3. a direct-answer baseline with as many optimiser steps as stages 1-3 together;
+4. evaluation on the test split through `mmlatent eval`'s runner (`synthetic` task): direct, CoT (stage 1
+   reasoning in text) and latent (stage 3, which opens its latent blocks itself), each accuracy with a Wilson
+   95% interval; the latent model again under each intervention (latent inputs zeroed, replaced by noise of
+   their norm, swapped with another question's), its trigger rate, and where its thoughts look
+   (`selection_on_path`);
+5. `curves.png` (loss and validation accuracies against step for every stage), `latent_block.png` (a test
+   question the latent model answers correctly), and the stage-3 model exported and loaded back.
+It prints a table and writes `OUT/results.json`. A stage whose checkpoint exists is skipped, so a re-run
+continues where it stopped (delete OUT to start afresh). Every setting is in `DemoConfig`; nothing is tuned
+on the test split.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
-from functools import partial
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
 import yaml
 
-from mmlatent.cli import main as cli_main
 from mmlatent.data.synthetic import SynthConfig, TaskMix, synthesize
+from mmlatent.data.synthetic_tokenizer import build_synthetic_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "train" / "configs" / "tiny"
 STAGES = ("stage1", "stage2", "stage3", "direct")
 
 
-def demo_synth_config() -> SynthConfig:
-    """The demo's task: 2-3 hop pointer chasing from a named cell on a 3x3 grid of 16-px cells.
+def recipe(name: str) -> Path:
+    """The tiny recipe `name` (`stage1`, `stage2`, `stage3`, `direct`) shipped in the package."""
+    path = Path(str(resources.files("mmlatent") / "recipes" / "tiny" / f"{name}.yaml"))
+    if not path.is_file():
+        raise FileNotFoundError(f"tiny recipe {name!r} not found at {path}")
+    return path
 
-    Named starts and 9 cells keep the visual lookups learnable in a few CPU minutes (DESIGN §2: content
-    addressing, as in "start at the framed cell", is the slow phase transition)."""
-    return SynthConfig(image_size=48, grid_size=3, task_mix=TaskMix(chase=0.0, walk=1.0), hops=(2, 3))
+
+@dataclass
+class DemoConfig:
+    """What the demo trains and evaluates."""
+
+    synth: SynthConfig = field(default_factory=lambda: SynthConfig(
+        image_size=48, grid_size=3, palette=("red", "green", "blue", "yellow"), num_choices=4,
+        task_mix=TaskMix(chase=0.0, walk=1.0), hops=(1, 2), moves="colours", option_order="palette",
+    ))
+    """The task: colour-move walks from a named cell on a 3x3 grid (see `mmlatent.data.synthetic`)."""
+    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 1500, "stage2": 200, "stage3": 500})
+    """Optimiser steps of stages 1-3; the direct baseline gets their sum."""
+    batch_size: int = 32
+    """Samples per step in every stage."""
+    val: int = 128
+    """Validation samples (learning curves; `val_every` steps)."""
+    test: int = 500
+    """Held-out test questions (the final numbers)."""
+    val_every: int = 100
+    """Steps between validation passes."""
+    seed: int = 0
+    """Data and training seed."""
+
+    @property
+    def train(self) -> int:
+        """Distinct training samples: enough that stage 1 never repeats one."""
+        return self.steps["stage1"] * self.batch_size
 
 
-def stage_config(name: str, out: Path, data: Path, max_epochs: int | None = None, max_steps: int = -1) -> Path:
-    """A tiny stage config with every path pointed into `out` (written beside the run, as a record)."""
-    cfg = yaml.safe_load((TINY / f"{name}.yaml").read_text())
+def stage_config(name: str, out: Path, data: Path, demo: DemoConfig) -> Path:
+    """The tiny recipe of a stage with every path pointed into `out` and the demo's steps (written beside
+    the run, as a record of what ran)."""
+    cfg = yaml.safe_load(recipe(name).read_text())
     run_dir = out / name
+    steps = sum(demo.steps.values()) if name == "direct" else demo.steps[name]
     trainer = cfg["trainer"]
-    trainer["default_root_dir"] = str(run_dir)
-    if max_epochs is not None:
-        trainer["max_epochs"] = max_epochs
-    trainer["max_steps"] = max_steps
+    trainer.update(default_root_dir=str(run_dir), max_steps=steps, max_epochs=None,
+                   val_check_interval=demo.val_every, check_val_every_n_epoch=None)
     trainer["logger"]["init_args"]["save_dir"] = str(run_dir)
     for cb in trainer.get("callbacks", []):
         if cb["class_path"].endswith(("ModelCheckpoint", "LatestCheckpoint")):
@@ -55,16 +89,17 @@ def stage_config(name: str, out: Path, data: Path, max_epochs: int | None = None
         if cb["class_path"].endswith("JsonlPredictionWriter"):
             cb["init_args"]["output_dir"] = str(run_dir / "predictions")
     model = cfg["model"]
-    model["vlm"]["vision"]["image_size"] = demo_synth_config().image_size  # one ViT patch per cell
     previous = {"stage2": "stage1", "stage3": "stage2"}.get(name)
     if previous:
         ckpt = str(checkpoint(out, previous))
         model["init_from"] = ckpt
         model["stage"]["teacher"] = {"checkpoint": ckpt, "cache": None}
+    cfg["seed_everything"] = demo.seed
+    cfg["data"].update(batch_size=demo.batch_size, seed=demo.seed)
     cfg["data"]["train"]["shards"] = str(data / "train")
     cfg["data"]["val"]["shards"] = str(data / "val")
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "demo-config.yaml"
+    path = run_dir / f"{name}.yaml"  # the name it is stored under in the export
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -77,132 +112,144 @@ def trained_steps(out: Path, name: str) -> int:
     return int(torch.load(checkpoint(out, name), map_location="cpu", weights_only=True)["global_step"])
 
 
-def train(name: str, out: Path, data: Path, step: str, **limits) -> None:
+def train(name: str, out: Path, data: Path, demo: DemoConfig, step: str) -> None:
+    from mmlatent.cli import main as cli_main
+
     ckpt = checkpoint(out, name)
     if ckpt.exists():
         print(f"{step} {name}: {ckpt} exists, skipped")
         return
     print(f"{step} {name} -> {ckpt}")
-    cli_main(["fit", "-c", str(stage_config(name, out, data, **limits))])
+    code = cli_main(["fit", "-c", str(stage_config(name, out, data, demo))])
+    if code:
+        raise SystemExit(f"mmlatent fit {name} failed (exit {code})")
 
 
-@torch.no_grad()
-def evaluate(ckpt: Path, data: Path, stage: str, latent: bool, max_new_tokens: int, batch_size: int = 50) -> dict:
-    """Accuracy, generated positions per answer and seconds per question of a checkpoint on the held-out split."""
-    from tqdm.auto import tqdm
+def metrics_csv(out: Path, name: str) -> Path:
+    """The CSV log of a stage's latest run."""
+    versions = sorted((out / name / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not versions:
+        raise FileNotFoundError(f"no metrics.csv under {out / name / 'logs'}")
+    return versions[-1]
 
-    from mmlatent.data.batch import collate
-    from mmlatent.data.pipeline import ShardStream
-    from mmlatent.data.processor import Processor
-    from mmlatent.evaluation.parsing import choice_letters, parse_multi_choice_response
-    from mmlatent.model.generation import GenerationConfig, generate
+
+def evaluate_mode(ckpt: Path, data, latent: bool, max_new_tokens: int, intervention: str = "none",
+                  return_latents: bool = False, batch_size: int = 50):
+    """(summary, records, generated) of a checkpoint on the test questions."""
+    from mmlatent.evaluation.runner import EvalConfig, generate_responses, score, summarize
     from mmlatent.training.checkpoint_io import load_model
-    from mmlatent.data.shards import expand_shards, manifest_count
-    from mmlatent.training.stages import StageConfig, build_stage
 
     model = load_model(ckpt)
-    layout = build_stage(StageConfig(name=stage, align_weight=0.0)).layout(model.cfg.latent.slots)
-    proc = Processor.for_model(model, layout)
-    stream = ShardStream(
-        expand_shards(str(data / "val"), "val"), proc, partial(collate, pad_id=proc.ids.pad, latent_start_id=proc.ids.latent_start),
-        batch_size, shuffle_buffer=0, loop=False, partial_batches=True,
-    )
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, latent=latent)
-    letters = choice_letters(demo_synth_config().num_choices)
-    n = correct = positions = unparsed = 0
-    seconds = 0.0
-    with tqdm(total=manifest_count(str(data / "val")), desc=f"eval {stage}", unit="question") as bar:
-        for batch in stream:
-            t0 = time.perf_counter()
-            outs = generate(model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, gen)
-            seconds += time.perf_counter() - t0
-            for g, answer in zip(outs, batch.answers):
-                letter = parse_multi_choice_response(g.text, letters, {})  # MMMU's official parsing
-                unparsed += letter is None
-                correct += letter == answer
-                positions += g.positions
-                n += 1
-            bar.update(len(batch))
-    return {
-        "accuracy": correct / n,
-        "tokens_per_answer": positions / n,
-        "seconds_per_question": seconds / n,
-        "questions": n,
-        "unparsed": unparsed,
+    torch.manual_seed(0)  # the noise intervention draws from torch's generator
+    cfg = EvalConfig(batch_size=batch_size, latent=latent, max_new_tokens=max_new_tokens,
+                     latent_intervention=intervention, progress=False)
+    t0 = time.perf_counter()
+    generated = generate_responses(model, data, data.questions, cfg, return_latents=return_latents)
+    seconds = time.perf_counter() - t0
+    records = score(data.questions, [g.text for g in generated], generated)
+    results = summarize(data, records)
+    summary = {
+        "accuracy": results["acc"], "accuracy_ci95": results["acc_ci95"],
+        "tokens_per_answer": results["positions_per_answer"], "seconds_per_question": seconds / len(records),
+        "questions": len(records), "unparsed": results["unparsed"], "trigger_rate": results["trigger_rate"],
         "checkpoint": str(ckpt),
     }
+    return summary, records, generated, model
 
 
-def visualize(ckpt: Path, data: Path, path: Path) -> None:
-    """The stage-3 model's first held-out latent block as a PNG."""
-    from mmlatent.data.batch import collate
-    from mmlatent.data.pipeline import ShardStream
-    from mmlatent.data.processor import Processor
-    from mmlatent.training.checkpoint_io import load_model
-    from mmlatent.data.shards import expand_shards
-    from mmlatent.training.stages import StageConfig, build_stage
-    from mmlatent.visualize import visualize_sample
-
-    model = load_model(ckpt)
-    layout = build_stage(StageConfig(name="stage3", align_weight=0.0)).layout(model.cfg.latent.slots)
-    proc = Processor.for_model(model, layout)
-    stream = ShardStream(expand_shards(str(data / "val"), "val"), proc,
-                         partial(collate, pad_id=proc.ids.pad, latent_start_id=proc.ids.latent_start), 1,
-                         shuffle_buffer=0, loop=False)
-    visualize_sample(model, next(iter(stream)), path)
-
-
-def export(ckpt: Path, out: Path) -> Path:
-    """The stage-3 model as a Hub-ready folder, loaded back through `LatentVLM.from_pretrained`."""
-    from mmlatent.hub.export import export_checkpoint
-    from mmlatent.model.latent_vlm import LatentVLM
-
-    folder = export_checkpoint(ckpt, out, stage_configs=[TINY / f"{s}.yaml" for s in ("stage1", "stage2", "stage3")], overwrite=True)
-    LatentVLM.from_pretrained(str(folder))
-    return folder
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="folder for shards, checkpoints and results")
-    ap.add_argument("--train", type=int, default=4000, help="synthetic training samples")
-    ap.add_argument("--val", type=int, default=400, help="synthetic held-out samples")
-    ap.add_argument("--epochs", type=int, nargs=3, default=(3, 1, 2), metavar=("S1", "S2", "S3"), help="epochs of stages 1-3")
-    args = ap.parse_args()
+    ap.add_argument("--stage1-steps", type=int, default=None, help="optimiser steps of stage 1 (default: DemoConfig)")
+    args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    demo = DemoConfig()
+    if args.stage1_steps is not None:
+        demo.steps["stage1"] = args.stage1_steps
     out = Path(args.out)
     data = out / "data"
     start = time.perf_counter()
     if not (data / "manifest.json").exists():
-        print(f"[1/6] writing synthetic shards to {data}")
-        synthesize(data, demo_synth_config(), train=args.train, val=args.val, seed=0, samples_per_shard=250)
-    for i, (name, epochs) in enumerate(zip(("stage1", "stage2", "stage3"), args.epochs)):
-        train(name, out, data, f"[{2 + i}/6]", max_epochs=epochs)
-    budget = sum(trained_steps(out, s) for s in ("stage1", "stage2", "stage3"))
-    train("direct", out, data, "[5/6]", max_epochs=10_000, max_steps=budget)
+        print(f"[1/7] writing synthetic shards to {data}")
+        synthesize(data, demo.synth, train=demo.train, val=demo.val, test=demo.test, seed=demo.seed,
+                   samples_per_shard=1000)
+    build_synthetic_tokenizer()
+    for i, name in enumerate(STAGES):
+        train(name, out, data, demo, f"[{2 + i}/7]")
+    print("[6/7] evaluation on the held-out test split")
+    results = evaluate_all(out, data, demo)
+    print("[7/7] curves, picture, export")
+    finish(out, data, demo, results, start)
 
-    print("[6/6] evaluation on the held-out split, export, visualisation")
-    results = {
-        "direct": evaluate(checkpoint(out, "direct"), data, "direct", latent=False, max_new_tokens=16),
-        "cot": evaluate(checkpoint(out, "stage1"), data, "stage1", latent=False, max_new_tokens=160),
-        "latent": evaluate(checkpoint(out, "stage3"), data, "stage3", latent=True, max_new_tokens=160),
-    }
+
+def evaluate_all(out: Path, data: Path, demo: DemoConfig) -> dict:
+    from mmlatent.evaluation.selection import selection_on_path
+    from mmlatent.evaluation.tasks import load_eval_data
+
+    test = load_eval_data("synthetic", str(data / "test"))
+    results: dict = {}
+    results["direct"], *_ = evaluate_mode(checkpoint(out, "direct"), test, latent=False, max_new_tokens=16)
+    results["cot"], *_ = evaluate_mode(checkpoint(out, "stage1"), test, latent=False, max_new_tokens=160)
+    results["latent"], records, generated, model = evaluate_mode(
+        checkpoint(out, "stage3"), test, latent=True, max_new_tokens=160, return_latents=True)
+    results["interventions"] = {}
+    for kind in ("zero", "noise", "swap"):
+        summary, *_ = evaluate_mode(checkpoint(out, "stage3"), test, latent=True, max_new_tokens=160, intervention=kind)
+        summary["delta"] = summary["accuracy"] - results["latent"]["accuracy"]
+        results["interventions"][kind] = summary
+    grid = demo.synth.grid_size
+    answers = [([r.relevance for r in g.latents or []], q.fields.get("path", [])) for q, g in zip(test.questions, generated)]
+    results["latent"].update(selection_on_path(answers, model.backbone.token_grid, grid))
+    results["picture_question"] = draw_correct_answer(out, test, records, generated, model, demo)
+    return results
+
+
+def draw_correct_answer(out: Path, test, records, generated, model, demo: DemoConfig) -> str | None:
+    """`latent_block.png`: the first test question the latent model answers correctly (with its thoughts)."""
+    from mmlatent.visualize import visualize_answer
+
+    for q, r, g in zip(test.questions, records, generated):
+        if r["correct"] and g.latents and any(x.relevance is not None for x in g.latents):
+            image = test.images(q)[0]
+            visualize_answer(image, g.latents, model.backbone.token_grid, out / "latent_block.png",
+                             title=f"{q.id}: answered {r['prediction']} (right)", path=[tuple(p) for p in q.fields["path"]],
+                             cells=demo.synth.grid_size)
+            return q.id
+    return None
+
+
+def finish(out: Path, data: Path, demo: DemoConfig, results: dict, start: float) -> None:
+    from mmlatent.evaluation.curves import plot_curves
+    from mmlatent.hub.export import export_checkpoint
+    from mmlatent.model.latent_vlm import LatentVLM
+
+    plot_curves({name: metrics_csv(out, name) for name in STAGES}, out / "curves.png", chance=1 / demo.synth.num_choices)
+    folder = export_checkpoint(checkpoint(out, "stage3"), out / "export",
+                               stage_configs=[out / s / f"{s}.yaml" for s in ("stage1", "stage2", "stage3")],
+                               overwrite=True)
+    LatentVLM.from_pretrained(folder)
     results["config"] = {
-        "synthetic": {**json.loads((data / "manifest.json").read_text())["generator"], "train": args.train, "val": args.val},
-        "epochs": {"stage1": args.epochs[0], "stage2": args.epochs[1], "stage3": args.epochs[2]},
+        "synthetic": {**json.loads((data / "manifest.json").read_text())["generator"],
+                      "train": demo.train, "val": demo.val, "test": demo.test},
         "steps": {s: trained_steps(out, s) for s in STAGES},
-        "configs": {s: str(out / s / "demo-config.yaml") for s in STAGES},
+        "demo": {k: v for k, v in dataclasses.asdict(demo).items() if k != "synth"},
+        "configs": {s: str(out / s / f"{s}.yaml") for s in STAGES},
+        "export": str(folder),
+        "minutes": round((time.perf_counter() - start) / 60, 1),
     }
-    folder = export(checkpoint(out, "stage3"), out / "export")
-    visualize(checkpoint(out, "stage3"), data, out / "latent_block.png")
-    results["config"]["export"] = str(folder)
-    results["config"]["minutes"] = round((time.perf_counter() - start) / 60, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'mode':8} {'accuracy':>9} {'positions/answer':>17} {'s/question':>11}")
-    for mode in ("direct", "cot", "latent"):
-        r = results[mode]
-        print(f"{mode:8} {r['accuracy']:9.3f} {r['tokens_per_answer']:17.1f} {r['seconds_per_question']:11.4f}")
-    print(f"\nresults: {out / 'results.json'}   export: {folder}   picture: {out / 'latent_block.png'}")
+    print(f"\n{'mode':16} {'accuracy':>9} {'95% interval':>15} {'positions/answer':>17} {'s/question':>11}")
+    rows = [(m, results[m]) for m in ("direct", "cot", "latent")]
+    rows += [(f"latent, {k}", v) for k, v in results["interventions"].items()]
+    for mode, r in rows:
+        lo, hi = r["accuracy_ci95"]
+        print(f"{mode:16} {r['accuracy']:9.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} {r['tokens_per_answer']:17.1f} "
+              f"{r['seconds_per_question']:11.4f}")
+    lat = results["latent"]
+    print(f"\nlatent trigger rate {lat['trigger_rate']:.3f}; thoughts on the question's path "
+          f"{lat['selection_on_path']} (chance {lat['chance']})")
+    print(f"results: {out / 'results.json'}   curves: {out / 'curves.png'}   picture: {out / 'latent_block.png'}   "
+          f"export: {folder}   ({results['config']['minutes']} min)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-SYNTHETIC_TOKENIZER_VERSION = 5
+SYNTHETIC_TOKENIZER_VERSION = 6
 """Bump when the synthetic corpus or the trainer settings change, so stale builds are not reused."""
 
 

@@ -1,7 +1,12 @@
-"""One picture of what a latent block looked at and what it can reconstruct.
+"""Pictures of what latent blocks looked at and what they can reconstruct.
 
-For one sample laid out with latent blocks: the question image; for every thought (LQ-Former slot) a
-heatmap over the image's patch grid of the visual tokens it selected, weighted by relevance; the block's
+`visualize_answer` draws a generated answer: for every latent block, the question image (with the cell
+the block should stand for outlined, when the question's path is known) and one relevance heatmap per
+thought over the image's token grid, the most relevant token marked. It shows what happened in the
+generation that produced the answer, not a teacher-forced replay.
+
+`visualize_sample` draws one block of a training-layout sample (teacher-forced):
+the question image; for every thought (LQ-Former slot) a heatmap over the image's patch grid of the visual tokens it selected, weighted by relevance; the block's
 target (the auxiliary image it stands for) and the diffusion head's reconstruction of that target's
 visual tokens from the block's latent vectors, both shown by PCA colouring (the three main components of
 the true target tokens, mapped to RGB). A PCA picture needs no decoder back to pixels, which the tiny
@@ -18,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from mmlatent.data.batch import Batch  # noqa: E402
@@ -82,6 +88,61 @@ def visualize_sample(model: LatentVLM, batch: Batch, out_path: str | Path, row: 
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.suptitle(f"{batch.keys[row]}: latent block of {len(block)} slots", fontsize=9)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+
+def visualize_answer(
+    question_image: Image.Image,
+    latents: list,
+    token_grid: tuple[int, int],
+    out_path: str | Path,
+    title: str = "",
+    path: list[tuple[int, int]] | None = None,
+    cells: int | None = None,
+    max_blocks: int = 4,
+) -> Path:
+    """Write a PNG of a generated answer's latent blocks (`Generated.latents`, thought mode).
+
+    `path` (cells visited, one per block) and `cells` (cells per side of the image's grid) outline, in each
+    block's row, the cell that block should stand for.
+    """
+    blocks: dict[int, list] = {}
+    for record in latents:
+        if record.relevance is not None:
+            blocks.setdefault(record.block, []).append(record)
+    if not blocks:
+        raise ValueError("the answer has no latent thought with a relevance map (thought mode) to draw")
+    rows = sorted(blocks)[:max_blocks]
+    width = 1 + max(len(blocks[b]) for b in rows)
+    gh, gw = token_grid
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.9 * width, 2.0 * len(rows)), squeeze=False)
+    image = np.asarray(question_image.convert("RGB"))
+    for i, b in enumerate(rows):
+        ax = axes[i][0]
+        ax.imshow(image)
+        if path is not None and cells and b < len(path):
+            r, c = path[b]
+            h, w = image.shape[0] / cells, image.shape[1] / cells
+            ax.add_patch(plt.Rectangle((c * w, r * h), w, h, fill=False, edgecolor="white", linewidth=2.5))
+            ax.add_patch(plt.Rectangle((c * w, r * h), w, h, fill=False, edgecolor="black", linewidth=1.0))
+        ax.set_title(f"block {b + 1}" + (": its cell" if path is not None else ""), fontsize=8)
+        ax.axis("off")
+        for j in range(1, width):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j - 1 >= len(blocks[b]):
+                continue
+            rel = blocks[b][j - 1].relevance[: gh * gw].float().reshape(gh, gw).numpy()
+            ax.imshow(rel, cmap="magma", vmin=0.0, vmax=max(float(rel.max()), 1e-6), interpolation="nearest")
+            top = divmod(int(rel.argmax()), gw)
+            ax.scatter([top[1]], [top[0]], marker="x", color="cyan", s=30)
+            ax.set_title(f"thought {j}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

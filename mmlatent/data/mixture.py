@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
+from mmlatent.config_io import ConfigError
 from mmlatent.data.batch import collate
 from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor
@@ -67,7 +68,7 @@ def resolve_sources(cfg: MixtureConfig, expand: Callable[[str, str], list[str]],
     (`shards.expand_shards` and `shards.manifest_count`).
     """
     if not cfg.sources:
-        raise ValueError(f"{field_name}.sources is empty: list at least one shard set")
+        raise ConfigError(f"{field_name}.sources is empty: list at least one shard set")
     out = []
     for i, src in enumerate(cfg.sources):
         where = f"{field_name}.sources[{i}]"
@@ -75,14 +76,14 @@ def resolve_sources(cfg: MixtureConfig, expand: Callable[[str, str], list[str]],
         samples = src.samples if src.samples is not None else count(src.shards)
         weight = src.weight if src.weight is not None else samples
         if weight is None:
-            raise ValueError(f"{where}.weight is None (weigh by size) but {where}.samples is unknown: "
+            raise ConfigError(f"{where}.weight is None (weigh by size) but {where}.samples is unknown: "
                              f"set it or write a manifest.json beside {src.shards!r}")
         if not weight >= 0:
-            raise ValueError(f"{where}.weight={weight} must be >= 0")
+            raise ConfigError(f"{where}.weight={weight} must be >= 0")
         name = src.name or src.shards.rstrip("/").split("/")[-1]
         out.append(ResolvedSource(name, urls, float(weight), samples))
     if sum(s.weight for s in out) <= 0:
-        raise ValueError(f"{field_name}.sources: the weights sum to 0")
+        raise ConfigError(f"{field_name}.sources: the weights sum to 0")
     return out
 
 
@@ -92,7 +93,7 @@ def epoch_samples(cfg: MixtureConfig, sources: list[ResolvedSource], field_name:
         return cfg.samples_per_epoch
     unknown = [i for i, s in enumerate(sources) if s.samples is None]
     if unknown:
-        raise ValueError(f"{field_name}.samples_per_epoch is not set and {field_name}.sources[{unknown[0]}] has no "
+        raise ConfigError(f"{field_name}.samples_per_epoch is not set and {field_name}.sources[{unknown[0]}] has no "
                          f"sample count (set its `samples` or write a manifest.json)")
     return sum(s.samples for s in sources)
 
@@ -134,7 +135,7 @@ def mixture_loader(
     sources = resolve_sources(cfg, expand_shards, manifest_count)
     samples = epoch_samples(cfg, sources)
     if samples < world_size * batch_size:
-        raise ValueError(f"data.mixture: {samples} samples per epoch are fewer than one global batch "
+        raise ConfigError(f"data.mixture: {samples} samples per epoch are fewer than one global batch "
                          f"({world_size} rank(s) × data.batch_size={batch_size})")
     stream = MixtureStream(
         sources,

@@ -26,6 +26,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from mmlatent.atomic import write_text
+from mmlatent.config_io import ConfigError
 from mmlatent.data.tar_reader import count_samples
 from mmlatent.tokens import cache_dir
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 def expand_shards(spec: str, field_name: str) -> list[str]:
     """Resolve a shard spec to a sorted list of URLs; raises naming `field_name` when nothing matches."""
     if not spec:
-        raise ValueError(f"{field_name} is empty: give a folder of .tar shards or a brace pattern")
+        raise ConfigError(f"{field_name} is empty: give a folder of .tar shards or a brace pattern")
     if os.path.isdir(spec):
         urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
     elif "://" in spec or spec.startswith("pipe:"):
@@ -43,7 +44,7 @@ def expand_shards(spec: str, field_name: str) -> list[str]:
     else:
         urls = [u for u in braceexpand(spec) if os.path.exists(u)]
     if not urls:
-        raise ValueError(f"{field_name}={spec!r} matches no shard")
+        raise ConfigError(f"{field_name}={spec!r} matches no shard")
     return urls
 
 

@@ -410,10 +410,10 @@ def generate_split(cfg: SynthConfig, seed: int, split: str, n: int) -> Iterator[
 def corpus_texts(cfg: SynthConfig, n: int = 2000, seed: int = 0) -> Iterator[str]:
     """Text items of `n` samples for training a tokenizer, without rendering images.
 
-    Task kinds and both kinds of moves cycle whatever `cfg` says, so one tokenizer covers every stage of a
-    curriculum and every variant of the task.
+    Task kinds, both kinds of moves and every colour of `COLOURS` appear whatever `cfg` says, so one tokenizer
+    covers every stage of a curriculum and every variant of the task (each colour name one token).
     """
-    variants = [replace(cfg, moves=m) for m in ("arrows", "colours")]
+    variants = [replace(cfg, moves=m, palette=tuple(COLOURS), num_choices=len(COLOURS)) for m in ("arrows", "colours")]
     for index in range(n):
         variant = variants[(index // len(TASK_KINDS)) % len(variants)]
         puzzle = make_puzzle(variant, seed, "corpus", index, task=TASK_KINDS[index % len(TASK_KINDS)])

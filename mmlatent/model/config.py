@@ -3,7 +3,8 @@
 Each part's config lives beside its component (vision tower, projector, LM, native VLM, tokenizer, LoRA);
 this file only groups them so a YAML file or `--model.vlm.lm.random_init.hidden_size=256` on the command
 line reaches any field. `backbone` picks the composed VLM (`vision`, `projector`, `lm`) or a native
-transformers VLM (`native`); the fields of the other kind are then unused. Named presets are in `presets.py`.
+transformers VLM (`native`); the fields of the other kind are then unused. Named presets are in `presets.py`;
+a config names one with `preset` and overrides fields on top (the CLI does the merge, `mmlatent.cli`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class ModelConfig:
     """The native VLM (used when `backbone` is not `composed`)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters on the language model (peft), for either backbone kind."""
+    preset: str | None = None
+    """The named preset this config starts from (`tiny`, `tiny-demo`, `siglip-qwen2.5-0.5b`, ...; see
+    `mmlatent.model.presets`). In a `mmlatent fit|validate|test|predict` config, `model.vlm.preset: NAME` takes
+    the preset's fields as the base and every other `model.vlm` field given overrides them."""
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":

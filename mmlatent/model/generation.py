@@ -206,6 +206,7 @@ def _decode(
     budget = model.cfg.latent.budget
     last_pos = pos[:, -1]  # (B,)
     for _ in range(cfg.max_new_tokens):
+        logits[:, ids_.latent] = float("-inf")  # slots are fed by the loop inside a block, never chosen as text
         if not cfg.latent:
             logits[:, ids_.latent_start] = float("-inf")
         tok = next_token(logits, cfg, gen)  # (B,)
@@ -238,7 +239,7 @@ def _decode(
         logits = model.backbone.lm_head(h_last)
     results = []
     for t, rec in zip(new, records):
-        steps = sum(1 for x in t if x == ids_.latent)
+        steps = sum(1 for x in t if x == ids_.latent)  # every one was fed by the loop (the token is never chosen)
         text = model.tokenizer.decode(t, skip_special_tokens=True).strip()
         latents = rec if cfg.return_latents else None
         results.append(Generated(token_ids=t, text=text, positions=len(t), latent_steps=steps, latents=latents))

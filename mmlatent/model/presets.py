@@ -1,9 +1,10 @@
 """Registry of named model presets, as timm's `create_model` names and litgpt's `Config.from_name`.
 
 A preset is a function returning a fresh `ModelConfig`; it is looked up by exact name, never by matching
-substrings. `tiny` is what tests, benchmarks and the demo use: about 1.2M parameters, 64-pixel images cut
-into 16 patches of 16 pixels (one patch per cell of the synthetic grid), a 4-layer 128-wide Qwen2-shaped
-LM and the synthetic byte-level BPE tokenizer. Its vision tower trains (`freeze=False`) because a random
+substrings. `tiny` is what tests and benchmarks use: about 1.2M parameters, 64-pixel images cut into 16
+patches of 16 pixels (one patch per cell of the synthetic grid), a 4-layer 128-wide Qwen2-shaped LM, sketch
+mode and the synthetic byte-level BPE tokenizer. `tiny-demo` is the demo's and the tiny recipes' model:
+`tiny` at 48 px in thought mode (about 1.4M parameters). Its vision tower trains (`freeze=False`) because a random
 tower has nothing to preserve; real presets keep the pretrained tower frozen.
 
 `tiny-qwen2.5-vl` and `tiny-llava` are native transformers VLMs of the same scale (a 2-layer 128-wide LM,
@@ -39,7 +40,9 @@ def preset(name: str) -> ModelConfig:
     """A fresh `ModelConfig` for preset `name`."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name]()
+    cfg = PRESETS[name]()
+    cfg.preset = name
+    return cfg
 
 
 def _tiny_lm() -> LanguageModelConfig:
@@ -57,6 +60,20 @@ def tiny() -> ModelConfig:
         lm=_tiny_lm(),
         tokenizer=TokenizerConfig(),
     )
+
+
+@register("tiny-demo")
+def tiny_demo() -> ModelConfig:
+    """The demo's model: `tiny` at 48 px (a 3x3 grid of 16-px cells, one ViT patch per cell) thinking in
+    LQ-Former thoughts that select the 4 most relevant of the 9 visual tokens; about 1.4 M parameters."""
+    cfg = tiny()
+    cfg.vision.image_size = 48
+    cfg.latent.mode = "thought"
+    cfg.latent.slots = 4
+    cfg.latent.lq_former.num_queries = 4
+    cfg.latent.lq_former.layers = 1
+    cfg.latent.lq_former.selection.top_k = 4
+    return cfg
 
 
 @register("tiny-open-clip")

@@ -20,6 +20,7 @@ from typing import Literal
 import lightning as L
 import torch
 
+from mmlatent.config_io import ConfigError
 from mmlatent.data.batch import collate
 from mmlatent.data.mixture import MixtureConfig, mixture_loader
 from mmlatent.data.pipeline import EpochLoader, ShardStream
@@ -94,9 +95,9 @@ class ShardDataModule(L.LightningDataModule):
         self._train_state: dict | None = None
         self._eval_processor: Processor | None = None
         if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be at least 1")
+            raise ConfigError(f"data.batch_size={batch_size} must be at least 1")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+            raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
 
     def attach_processors(self, train: Processor, evaluation: Processor) -> None:
         """Set the processors directly (benchmarks and tests use this without a Trainer)."""
@@ -123,7 +124,7 @@ class ShardDataModule(L.LightningDataModule):
         resampled = train and self.resampled
         manifest = split.samples if split.samples is not None else manifest_count(split.shards)
         if resampled and manifest is None:
-            raise ValueError(f"data.{name}.samples is not set and no manifest.json was found beside {split.shards!r}: "
+            raise ConfigError(f"data.{name}.samples is not set and no manifest.json was found beside {split.shards!r}: "
                              f"the resampled mode needs it to size an epoch")
         processor = self._processor if train else self._eval_processor
         stream = ShardStream(
@@ -145,7 +146,7 @@ class ShardDataModule(L.LightningDataModule):
         try:
             steps = stream.steps(self.world_size)
         except ValueError as err:
-            raise ValueError(f"data.{name}.shards={split.shards!r} with {self.world_size} rank(s) × "
+            raise ConfigError(f"data.{name}.shards={split.shards!r} with {self.world_size} rank(s) × "
                              f"data.batch_size={self.batch_size}: {err}") from None
         # more workers than steps would only idle; evaluation sets are small
         num_workers = min(self.num_workers, steps) if not train else self.num_workers
@@ -184,7 +185,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def _eval_split(self) -> tuple[SplitConfig, str]:
         if self.val_cfg is None:
-            raise ValueError("data.val.shards is not set; validation, test and predict need it")
+            raise ConfigError("data.val.shards is not set; validation, test and predict need it")
         return self.val_cfg, "val"
 
     def val_dataloader(self) -> EpochLoader | list:

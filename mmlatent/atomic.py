@@ -71,7 +71,8 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
 def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> None:
     """Write `data` to `path` so that `path` is never seen half-written."""
     with atomic_path(path, durable=durable) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def write_text(path: str | os.PathLike, text: str, durable: bool = False) -> None:

@@ -135,9 +135,9 @@ class NanAt(L.Callback):
         stage = pl_module.stage
         original = stage.losses
 
-        def poisoned(model, b):
+        def poisoned(model, b, out):
             stage.losses = original  # once
-            return {k: v * torch.tensor(float("nan")) for k, v in original(model, b).items()}
+            return {k: v * torch.tensor(float("nan")) for k, v in original(model, b, out).items()}
 
         stage.losses = poisoned
 

@@ -128,3 +128,21 @@ def test_info_nce_is_symmetric_and_gradients_flow():
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0 and s.grad != 0
     with pytest.raises(ValueError):
         info_nce(torch.randn(4, 3), torch.randn(5, 3), s)
+
+
+def test_selection_loss_is_the_mass_in_the_region():
+    from mmlatent.losses.selection import selection_loss
+
+    # two blocks of two thoughts over 4 visual tokens; the second thought of block 1 is padding
+    relevance = torch.tensor([[[0.7, 0.1, 0.1, 0.1], [0.5, 0.3, 0.1, 0.1]],
+                              [[0.0, 0.0, 0.2, 0.8], [9.0, 9.0, 9.0, 9.0]]], requires_grad=True)
+    valid = torch.tensor([[True, True], [True, False]])
+    region = torch.tensor([[True, False, False, False], [False, False, False, True]])
+    loss = selection_loss(relevance, valid, region)
+    expected = -(math.log(0.6) + math.log(0.8)) / 2  # block means: 0.6 and 0.8 of the mass inside
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    assert relevance.grad[1, 1].abs().sum() == 0  # padding gets no gradient
+    # a block without a region is left out; none at all gives a zero that still backpropagates
+    assert selection_loss(relevance, valid, torch.tensor([[True, False, False, False], [False] * 4])).item() == pytest.approx(-math.log(0.6), abs=1e-6)
+    assert selection_loss(relevance, valid, torch.zeros(2, 4, dtype=torch.bool)).item() == 0.0

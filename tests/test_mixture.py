@@ -5,14 +5,12 @@ recipe's mixture config parses."""
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from mmlatent.data.batch import collate
 from mmlatent.data.mixture import MixtureConfig, MixtureSource, MixtureStream, ResolvedSource
 from mmlatent.data.processor import Processor, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
@@ -46,7 +44,7 @@ def processor():
 
 
 def keys_of(sources: list[ResolvedSource], processor, n_batches: int, seed: int = 0, batch: int = 8) -> list[str]:
-    stream = MixtureStream(sources, processor, partial(collate, pad_id=processor.ids.pad), batch, shuffle_buffer=0,
+    stream = MixtureStream(sources, processor, processor.collate, batch, shuffle_buffer=0,
                            seed=seed)
     it = iter(stream)
     return [k for _ in range(n_batches) for k in next(it).keys]

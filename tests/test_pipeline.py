@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import io
-from functools import partial
 
 import pytest
 import torch
 from PIL import Image
 
-from mmlatent.data.batch import collate
 from mmlatent.data.pipeline import EpochLoader, FillerBatch, ShardStream
 from mmlatent.data.processor import Processor, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
@@ -42,7 +40,7 @@ def processor():
 
 
 def stream(urls, processor, batch_size=4, **kw) -> ShardStream:
-    return ShardStream(urls, processor, partial(collate, pad_id=processor.ids.pad), batch_size, shuffle_buffer=0, loop=False, **kw)
+    return ShardStream(urls, processor, processor.collate, batch_size, shuffle_buffer=0, loop=False, **kw)
 
 
 def read_all(s: ShardStream):
@@ -121,7 +119,7 @@ def test_missing_image_member_is_skipped_and_counted(tmp_path, processor):
 
 def test_epoch_loader_gives_every_sample_once_per_epoch(tmp_path, processor):
     stats = write_shards((raw(i) for i in range(7)), tmp_path, samples_per_shard=3, progress=False)
-    s = ShardStream(stats.shards, processor, partial(collate, pad_id=processor.ids.pad), 4, shuffle_buffer=2)
+    s = ShardStream(stats.shards, processor, processor.collate, 4, shuffle_buffer=2)
     loader = EpochLoader(s, num_workers=2)  # 7 samples in batches of 4: 2 steps of 4 and 3 samples
     epochs = []
     for epoch in range(2):

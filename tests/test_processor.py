@@ -162,3 +162,23 @@ def test_coconut_curriculum_replaces_first_steps_and_grows_by_epoch(tok):
     assert out1.pixel_values.shape[0] == 2  # question image + aux1 (aux0 fell inside the replaced steps)
     proc.set_epoch(10)  # never replaces the final step
     assert "The answer is A." in tok.decode(proc(s).input_ids)
+
+
+def test_regions_become_token_masks_per_target_and_collate_pads_them(tok):
+    """A 2x2 token grid (T = 4): the box of aux1 covers the bottom-right token of the question image only."""
+    s = aux_sample(2)
+    s["meta"]["regions"] = {"aux1": {"image": "img0", "box": [0.5, 0.5, 1.0, 1.0]},
+                            "aux0": {"image": "img0", "box": [0.0, 0.0, 1.0, 0.5]}}
+    for layout in (SequenceLayout(aux_images="latent"), SequenceLayout(aux_images="image_then_latent")):
+        proc = Processor(tok, colour_mean, T, layout, token_grid=(2, 2))
+        out = proc(s)
+        n_visual = int((out.input_ids == proc.ids.image).sum())
+        assert out.aux_regions.shape == (2, n_visual)
+        assert out.aux_regions[0, :4].tolist() == [True, True, False, False]  # top row
+        assert out.aux_regions[1, :4].tolist() == [False, False, False, True]  # bottom right
+        assert not out.aux_regions[:, 4:].any()  # an aux image shown inline (stage 2) is never a region
+    proc = Processor(tok, colour_mean, T, SequenceLayout(aux_images="latent"), token_grid=(2, 2))
+    plain = aux_sample(1)  # no regions: an all-False row
+    batch = proc.collate([proc(s), proc(plain)])
+    assert batch.aux_regions.shape == (3, 4) and batch.aux_regions[2].sum() == 0
+    assert batch.aux_regions[1].tolist() == [False, False, False, True]

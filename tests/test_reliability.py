@@ -9,13 +9,11 @@ import io
 import json
 import os
 import tarfile
-from functools import partial
 
 import pytest
 import torch
 from PIL import Image
 
-from mmlatent.data.batch import collate
 from mmlatent.data.pipeline import EpochLoader, FillerBatch, ShardStream
 from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
@@ -64,7 +62,7 @@ def epoch_on_ranks(urls, proc, world: int, batch_size: int, workers: int = 2, ep
     """Every rank's batches of one epoch (the ranks as separate loaders, as DDP builds them)."""
     out = []
     for rank in range(world):
-        stream = ShardStream(urls, proc, partial(collate, pad_id=proc.ids.pad), batch_size, shuffle_buffer=4, seed=7)
+        stream = ShardStream(urls, proc, proc.collate, batch_size, shuffle_buffer=4, seed=7)
         loader = EpochLoader(stream, workers, rank=rank, world_size=world)
         loader.set_epoch(epoch)
         out.append(list(loader))
@@ -147,17 +145,17 @@ class _DiskFull(io.RawIOBase):
 def test_a_checkpoint_write_that_fails_partway_leaves_the_last_good_one(tmp_path, monkeypatch):
     import builtins
 
-    from mmlatent.training import checkpointing
+    from mmlatent import atomic
 
     io_ = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
     io_.save_checkpoint({"step": 1, "w": torch.arange(1000.0)}, path)
     real_open = builtins.open
-    monkeypatch.setattr(checkpointing, "open", lambda *a, **k: _DiskFull(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(atomic, "open", lambda *a, **k: _DiskFull(real_open(*a, **k)), raising=False)
     with pytest.raises(OSError, match="No space"):
         io_.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()
-    monkeypatch.setattr(checkpointing.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(atomic.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):  # killed between the write and the rename
         io_.save_checkpoint({"step": 3, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()

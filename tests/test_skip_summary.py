@@ -4,12 +4,10 @@ lost sample and one damaged shard read, in the log message and in the metrics (i
 from __future__ import annotations
 
 import tarfile
-from functools import partial
 
 import torch
 from PIL import Image
 
-from mmlatent.data.batch import collate
 from mmlatent.data.pipeline import EpochLoader, FillerBatch, ShardStream
 from mmlatent.data.processor import Processor, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
@@ -37,7 +35,7 @@ def test_a_truncated_tar_counts_one_lost_sample_and_one_damage_event(tmp_path):
 
     tok = load_tokenizer(TokenizerConfig())
     proc = Processor(tok, lambda img: torch.zeros(3, 1, 1), 2, SequenceLayout())
-    stream = ShardStream(stats.shards, proc, partial(collate, pad_id=proc.ids.pad), 2, shuffle_buffer=0, seed=0)
+    stream = ShardStream(stats.shards, proc, proc.collate, 2, shuffle_buffer=0, seed=0)
     loader = EpochLoader(stream, 0, rank=0, world_size=1)
     loader.set_epoch(0)
     counts: dict[str, int] = {}

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import copy
-from functools import partial
 
 import pytest
 import torch
 
-from mmlatent.data.batch import collate
 from mmlatent.data.masks import block_attention_mask
 from mmlatent.data.pipeline import ShardStream
 from mmlatent.data.processor import Processor
@@ -24,7 +22,7 @@ def batches(model, synth_dir, stage_name: str, n: int = 4, teacher: bool = False
     slots = model.cfg.latent.slots
     proc = Processor.for_model(model, stage.layout(slots), teacher_layout=stage.teacher_layout(slots) if teacher else None)
     urls = sorted(str(p) for p in (synth_dir / split).glob("*.tar"))
-    stream = ShardStream(urls, proc, partial(collate, pad_id=proc.ids.pad, latent_start_id=proc.ids.latent_start), n,
+    stream = ShardStream(urls, proc, proc.collate, n,
                          shuffle_buffer=0, loop=False, partial_batches=True)
     return list(stream)
 
@@ -163,7 +161,7 @@ def test_stage3_latent_only_layout_keeps_blocks_and_conclusion(tiny_model, synth
     proc = Processor.for_model(tiny_model, stage.layout(tiny_model.cfg.latent.slots))
     full = batches(tiny_model, synth_dir, "stage3", n=1)[0]
     urls = sorted(str(p) for p in (synth_dir / "train").glob("*.tar"))
-    lean = next(iter(ShardStream(urls, proc, partial(collate, pad_id=proc.ids.pad, latent_start_id=proc.ids.latent_start), 1,
+    lean = next(iter(ShardStream(urls, proc, proc.collate, 1,
                                  shuffle_buffer=0, loop=False)))
     assert lean.keys == full.keys
     n_blocks = int((full.input_ids == ids.latent_start).sum())

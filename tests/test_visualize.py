@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from functools import partial
 
 import pytest
 from PIL import Image
 
-from mmlatent.data.batch import collate
 from mmlatent.data.pipeline import ShardStream
 from mmlatent.data.processor import Processor
 from mmlatent.model.latent_vlm import LatentVLM
@@ -20,7 +18,7 @@ def first_batch(model, synth_dir, stage: str):
     layout = build_stage(StageConfig(name=stage, align_weight=0.0)).layout(model.cfg.latent.slots)
     proc = Processor.for_model(model, layout)
     urls = sorted(str(p) for p in (synth_dir / "val").glob("*.tar"))
-    return next(iter(ShardStream(urls, proc, partial(collate, pad_id=proc.ids.pad, latent_start_id=proc.ids.latent_start), 2,
+    return next(iter(ShardStream(urls, proc, proc.collate, 2,
                                  shuffle_buffer=0, loop=False)))
 
 

@@ -43,6 +43,9 @@ class ProcessedSample:
     """(N_tgt, 3, H, W) auxiliary images that latent blocks stand for (grounding-loss targets)."""
     aux_blocks: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     """(N_tgt,) which latent block of this sample (0-based, in order) each target belongs to."""
+    aux_regions: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
+    """(N_tgt, n_visual) which of the sample's image tokens (in sequence order) each target's `regions` box
+    covers; all False where the sample names no region."""
     hidden_spans: Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
     """(n, 3) rows [image_start, image_end, visible_until): image tokens only the queries in
     [image_start, visible_until) may see (stage 2: an aux image is visible to its own latent block only)."""
@@ -83,6 +86,9 @@ class Batch:
     aux_blocks: Tensor
     """(N_tgt,) index of each target's latent block among all blocks of the batch (row-major order of
     `<|latent_start|>` positions)."""
+    aux_regions: Tensor = field(default_factory=lambda: torch.zeros(0, 1, dtype=torch.bool))
+    """(N_tgt, M) for each target, its sample's image tokens (in sequence order, M the most in a sample)
+    inside the region the data says the aux image is about; all False without one."""
     block_mask: Tensor | None = None
     """(B, 1, L, L) bool "may attend" mask when some image is hidden from later text (stage 2), else None
     (the padding mask and causality say everything)."""
@@ -100,14 +106,17 @@ class Batch:
         return self.block_mask if self.block_mask is not None else self.attention_mask
 
 
-def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = -1, pad_to_multiple: int = 8) -> Batch:
+def collate(
+    samples: list[ProcessedSample], pad_id: int, latent_start_id: int = -1, pad_to_multiple: int = 8, image_id: int = -1
+) -> Batch:
     """Pad `samples` to a common length (rounded up to `pad_to_multiple`) and stack them.
 
     Rows are aligned at the first assistant token: a row with a shorter prompt gets that many pad tokens on
     the left, the rest of the padding goes on the right. The latent loop runs one forward per distinct slot
     column of the batch, so aligning the assistant turns puts the first blocks of all samples in the same
     columns (with a latent-only chain, every block): a batch of 32 costs the slot forwards of one sample.
-    `latent_start_id` numbers the latent blocks across the batch for `aux_blocks`.
+    `latent_start_id` numbers the latent blocks across the batch for `aux_blocks`; `image_id` (the image token)
+    sizes `aux_regions` to the most image tokens of a sample.
     """
     lefts = [max(s.prompt_length for s in samples) - s.prompt_length for s in samples]  # pads before each row
     lengths = [s.input_ids.numel() for s in samples]
@@ -131,12 +140,19 @@ def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = 
     blocks_before = torch.tensor([int((s.input_ids == latent_start_id).sum()) for s in samples]).cumsum(0)
     blocks_before = torch.cat([torch.zeros(1, dtype=torch.long), blocks_before[:-1]])  # (B,)
     aux_blocks = torch.cat([s.aux_blocks + blocks_before[i] for i, s in enumerate(samples)])  # (N_tgt,)
+    M = max(max(int((s.input_ids == image_id).sum()) for s in samples), 1) if image_id >= 0 else 1
+    aux_regions = torch.zeros(len(aux_blocks), M, dtype=torch.bool)  # (N_tgt, M)
+    row = 0
+    for s in samples:
+        n, m = s.aux_regions.shape
+        aux_regions[row : row + n, : min(m, M)] = s.aux_regions[:, :M]
+        row += n
     spans = [s.hidden_spans + a for s, a in zip(samples, lefts)]  # in batch columns
     block_mask = block_attention_mask(attention, spans) if any(x.numel() for x in spans) else None
     teachers = [s.teacher for s in samples]
     if any(t is None for t in teachers) and any(t is not None for t in teachers):
         raise ValueError("collate: some samples carry a teacher view and some do not")
-    teacher = None if teachers[0] is None else collate(teachers, pad_id, latent_start_id, pad_to_multiple)
+    teacher = None if teachers[0] is None else collate(teachers, pad_id, latent_start_id, pad_to_multiple, image_id)
     return Batch(
         keys=[s.key for s in samples],
         input_ids=input_ids,
@@ -151,6 +167,7 @@ def collate(samples: list[ProcessedSample], pad_id: int, latent_start_id: int = 
         choices=[s.choices for s in samples],
         aux_pixel_values=aux_pixels,
         aux_blocks=aux_blocks,
+        aux_regions=aux_regions,
         block_mask=block_mask,
         teacher=teacher,
     )

@@ -15,11 +15,9 @@ and the proportions hold at every step rather than only over a whole epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable
 
 from mmlatent.config_io import ConfigError
-from mmlatent.data.batch import collate
 from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor
 from mmlatent.data.shards import expand_shards, manifest_count, shard_sizes
@@ -140,7 +138,7 @@ def mixture_loader(
     stream = MixtureStream(
         sources,
         processor,
-        partial(collate, pad_id=processor.ids.pad, latent_start_id=processor.ids.latent_start),
+        processor.collate,
         batch_size,
         shuffle_buffer=shuffle_buffer,
         seed=seed,

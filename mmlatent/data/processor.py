@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from mmlatent.data.batch import IGNORE_INDEX, ProcessedSample
+from mmlatent.data.batch import IGNORE_INDEX, Batch, ProcessedSample, collate
 from mmlatent.data.masks import observation_mask
 from mmlatent.data.sample import SampleError
 from mmlatent.tokens import SPECIAL, token_ids
@@ -81,15 +81,19 @@ class Processor:
         layout: SequenceLayout,
         cfg: ProcessorConfig = ProcessorConfig(),
         teacher_layout: SequenceLayout | None = None,
+        token_grid: tuple[int, int] | None = None,
     ):
         """`teacher_layout`: also render each sample in this layout (`ProcessedSample.teacher`), for a
-        distillation stage whose teacher runs online on its own view of the same sample."""
+        distillation stage whose teacher runs online on its own view of the same sample. `token_grid`: the
+        (rows, cols) of an image's tokens (default: square), to map `regions` boxes onto tokens."""
         self.tok = tokenizer
         self.transform = image_transform
         self.tokens_per_image = tokens_per_image
         self.layout = layout
         self.teacher_layout = teacher_layout
         self.cfg = cfg
+        side = int(round(tokens_per_image ** 0.5))
+        self.token_grid = token_grid or (side, tokens_per_image // max(side, 1))
         self.ids = token_ids(tokenizer)
         self._cache: dict[str, list[int]] = {}
 
@@ -99,7 +103,12 @@ class Processor:
     ) -> "Processor":
         """The processor matching a `LatentVLM`'s tokenizer, image transform and image-token count."""
         backbone = model.backbone
-        return cls(model.tokenizer, backbone.image_transform(train=False), backbone.tokens_per_image, layout, cfg, teacher_layout)
+        return cls(model.tokenizer, backbone.image_transform(train=False), backbone.tokens_per_image, layout, cfg,
+                   teacher_layout, token_grid=backbone.token_grid)
+
+    def collate(self, samples: list[ProcessedSample]) -> Batch:
+        """Pad this processor's samples into a `Batch` (`batch.collate` with the tokenizer's special ids)."""
+        return collate(samples, pad_id=self.ids.pad, latent_start_id=self.ids.latent_start, image_id=self.ids.image)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of `text` with no BOS/EOS added."""
@@ -175,7 +184,8 @@ class Processor:
         ids: list[int] = []
         labelled: list[bool] = []
         pixels: list[torch.Tensor] = []
-        targets: list[tuple[int, torch.Tensor]] = []  # (block index within the sample, aux image)
+        targets: list[tuple[int, torch.Tensor, str]] = []  # (block index within the sample, aux image, its ref)
+        image_slots: dict[str, int] = {}  # ref -> index of its first token among the sample's image tokens
         spans: list[tuple[int, int, int]] = []  # (image start, image end, visible until): stage-2 mask
         prompt_length = None
 
@@ -184,12 +194,13 @@ class Processor:
             labelled.extend([label] * len(tokens))
 
         def emit_image(ref: str) -> int:
+            image_slots[ref] = len(pixels) * self.tokens_per_image
             pixels.append(self.transform(images[ref]))
             emit([self.ids.image] * self.tokens_per_image, False)
             return len(ids) - self.tokens_per_image
 
         def add_target(ref: str) -> None:  # the block about to be emitted stands for this image
-            targets.append((ids.count(self.ids.latent_start), self.transform(images[ref])))
+            targets.append((ids.count(self.ids.latent_start), self.transform(images[ref]), ref))
 
         def hide(image_start: int, visible_tokens_after: int) -> None:  # called before the block is emitted
             end = image_start + self.tokens_per_image
@@ -212,9 +223,27 @@ class Processor:
             emit(self._fixed("\n"), False)
         if prompt_length is None:
             raise SampleError("no_assistant_turn", "the sample has no assistant turn to learn", key)
-        return self._finish(lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length)
+        regions = self._regions(meta.get("regions") or {}, [ref for _, _, ref in targets], image_slots, len(pixels))
+        return self._finish(lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length, regions)
 
-    def _finish(self, lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length) -> ProcessedSample:
+    def _regions(self, regions: dict, refs: list[str], image_slots: dict[str, int], n_images: int) -> torch.Tensor:
+        """(N_tgt, n_images · T) bool: for each latent target, the image tokens inside its `regions` box (none
+        when the sample gives no region for it, or its image is not in this layout)."""
+        T, (gh, gw) = self.tokens_per_image, self.token_grid
+        out = torch.zeros(len(refs), n_images * T, dtype=torch.bool)
+        rows = (torch.arange(gh, dtype=torch.float32) + 0.5) / gh  # token centres, image units
+        cols = (torch.arange(gw, dtype=torch.float32) + 0.5) / gw
+        for t, ref in enumerate(refs):
+            region = regions.get(ref)
+            if region is None or region["image"] not in image_slots:
+                continue
+            x0, y0, x1, y1 = region["box"]
+            inside = ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None]  # (gh, gw)
+            start = image_slots[region["image"]]
+            out[t, start : start + T] = inside.flatten()
+        return out
+
+    def _finish(self, lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length, regions) -> ProcessedSample:
         if len(ids) > self.cfg.max_length:
             cut = self.cfg.max_length
             inside = {self.ids.image, self.ids.latent, self.ids.latent_start}
@@ -223,13 +252,14 @@ class Processor:
             kept_images = sum(1 for t in ids[:cut] if t == self.ids.image) // self.tokens_per_image
             kept_blocks = sum(1 for t in ids[:cut] if t == self.ids.latent_start)
             ids, labelled, pixels = ids[:cut], labelled[:cut], pixels[:kept_images]
+            regions = regions[[t[0] < kept_blocks for t in targets]][:, : kept_images * self.tokens_per_image]
             targets = [t for t in targets if t[0] < kept_blocks]
             spans = [(a, b, min(u, cut)) for a, b, u in spans if b <= cut]
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels = torch.where(torch.tensor(labelled), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         weights = self._weights(lay, input_ids, labels)
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0, 3, 1, 1)  # (N_img, 3, H, W)
-        aux = torch.stack([t for _, t in targets]) if targets else torch.zeros(0, 3, 1, 1)  # (N_tgt, 3, H, W)
+        aux = torch.stack([t for _, t, _ in targets]) if targets else torch.zeros(0, 3, 1, 1)  # (N_tgt, 3, H, W)
         return ProcessedSample(
             key=key,
             input_ids=input_ids,
@@ -240,7 +270,8 @@ class Processor:
             answer=str(meta["answer"]),
             choices=[str(c) for c in meta.get("choices") or []],
             aux_pixel_values=aux,
-            aux_blocks=torch.tensor([b for b, _ in targets], dtype=torch.long),
+            aux_blocks=torch.tensor([b for b, _, _ in targets], dtype=torch.long),
+            aux_regions=regions,
             hidden_spans=torch.tensor(spans, dtype=torch.long).view(-1, 3),
         )
 

@@ -9,7 +9,9 @@ One sample is a chat whose turns interleave text items and image references:
                                | {"type": "aux_image", "ref": "aux0"}]}]} # an image inside the reasoning
 
 Each `ref` names a tar member `KEY.<ref>.<ext>` of the same sample. Assistant text may hold
-`<observation>…</observation>` spans (what the reasoning read off an image).
+`<observation>…</observation>` spans (what the reasoning read off an image). An optional
+`"regions": {"aux0": {"image": "img0", "box": [x0, y0, x1, y1]}, …}` says which part of a question image
+(box in [0, 1] image units) an aux image is about; the `selection` grounding loss trains thoughts to look there.
 
 `validate_sample` is the single gate used both when shards are written and when they are read. It checks
 structure, not meaning, and raises `SampleError` with a short stable `reason` code so callers can count
@@ -101,6 +103,8 @@ def validate_sample(meta: dict, image_refs: Collection[str], key: str | None = N
             if ref not in available:
                 raise fail("missing_image", f"{where}: no image for ref '{ref}'")
         _check_observations("".join(texts), role, f"messages[{m}]", fail)
+    if "regions" in meta:
+        _check_regions(meta["regions"], meta["messages"], fail)
 
 
 def _check_message(message: object, m: int, fail) -> str:
@@ -146,6 +150,22 @@ def _check_observations(text: str, role: str, where: str, fail) -> None:
             raise fail("unbalanced_observation", f"{where}: observation {what} at offset {match.start()}")
     if depth:
         raise fail("unbalanced_observation", f"{where}: observation opened and never closed")
+
+
+def _check_regions(regions: object, messages: list, fail) -> None:
+    """`regions`: {aux ref: {"image": question image ref, "box": [x0, y0, x1, y1]}}, box in [0, 1] image units."""
+    if not isinstance(regions, dict):
+        raise fail("bad_regions", f"'regions' is {type(regions).__name__}, expected an object")
+    kinds = {item["ref"]: item["type"] for message in messages for item in message["content"] if item["type"] != "text"}
+    for ref, region in regions.items():
+        if kinds.get(ref) != "aux_image":
+            raise fail("bad_regions", f"regions['{ref}']: not an aux_image of the sample")
+        if not isinstance(region, dict) or kinds.get(region.get("image")) != "image":
+            raise fail("bad_regions", f"regions['{ref}'].image must name a question image of the sample")
+        box = region.get("box")
+        ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+        if not ok or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+            raise fail("bad_regions", f"regions['{ref}'].box must be [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
 
 
 def image_refs_in_order(meta: dict) -> list[tuple[str, str]]:

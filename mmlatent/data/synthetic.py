@@ -248,6 +248,7 @@ def build_meta(cfg: SynthConfig, p: Puzzle, key: str) -> dict:
     options = "\n".join(f"{_letter(i)}. {name}" for i, name in enumerate(p.choices))
     user_text = f"{_question(cfg, p)}\n{options}\nAnswer with the option's letter."
     steps = _colour_steps(cfg, p) if cfg.moves == "colours" else _arrow_steps(cfg, p)
+    g = cfg.grid_size
     answer = _letter(p.answer_index)
     steps.append({"type": "text", "text": f"The answer is {answer}."})
     return {
@@ -259,6 +260,11 @@ def build_meta(cfg: SynthConfig, p: Puzzle, key: str) -> dict:
         ],
         "answer": answer,
         "choices": list(p.choices),
+        # which cell of the question image each aux image highlights (the selection grounding loss's target)
+        "regions": {
+            f"aux{i}": {"image": "img0", "box": [c / g, r / g, (c + 1) / g, (r + 1) / g]}
+            for i, (r, c) in enumerate(p.path)
+        },
         "meta": {
             "task": p.task,
             "hops": p.hops,

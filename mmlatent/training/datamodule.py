@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import lightning as L
 import torch
 
 from mmlatent.config_io import ConfigError
-from mmlatent.data.batch import collate
 from mmlatent.data.mixture import MixtureConfig, mixture_loader
 from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor, ProcessorConfig
@@ -130,7 +128,7 @@ class ShardDataModule(L.LightningDataModule):
         stream = ShardStream(
             urls,
             processor,
-            partial(collate, pad_id=processor.ids.pad, latent_start_id=processor.ids.latent_start),
+            processor.collate,
             self.batch_size,
             resampled=resampled,
             shuffle_buffer=self.shuffle_buffer if train else 0,

@@ -8,7 +8,9 @@ turns each term on with a weight (`GroundingConfig`); a weight of 0 skips the wo
   space and pooled to N tokens;
 - diffusion: the diffusion head denoises the aux image's visual tokens conditioned on the block's vectors;
 - contrastive: InfoNCE between the mean latent vector of each block and the mean target token, across
-  the blocks of the batch.
+  the blocks of the batch;
+- selection: the thoughts of a block look at the region of the question image the sample says its aux
+  image is about (thought mode, samples with `regions`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 from mmlatent.data.batch import Batch
 from mmlatent.losses.contrastive import info_nce
 from mmlatent.losses.diffusion import diffusion_loss
+from mmlatent.losses.selection import selection_loss
 from mmlatent.losses.sketch import pool_tokens, sketch_loss
 from mmlatent.model.diffusion_head import train_scheduler
 from mmlatent.model.latent_vlm import LatentVLM
@@ -39,6 +42,9 @@ class GroundingConfig:
     """Diffusion reconstruction (CoCoVa); needs `model.vlm.latent.diffusion_head: true`."""
     contrastive_weight: float = 0.0
     """Symmetric InfoNCE (CoCoVa); needs `model.vlm.latent.contrastive: true`."""
+    selection_weight: float = 0.0
+    """Selection: a block's thoughts look where the sample's `regions` say its aux image is about
+    (`losses/selection.py`); needs thought mode (`model.vlm.latent.mode: thought`)."""
 
     def check(self, model: LatentVLM) -> None:
         """Fail at start, naming the field, when a loss is on but the model lacks its module."""
@@ -46,14 +52,17 @@ class GroundingConfig:
             raise ValueError("stage.grounding.diffusion_weight > 0 needs model.vlm.latent.diffusion_head: true")
         if self.contrastive_weight > 0 and model.logit_scale is None:
             raise ValueError("stage.grounding.contrastive_weight > 0 needs model.vlm.latent.contrastive: true")
+        if self.selection_weight > 0 and model.lq_former is None:
+            raise ValueError("stage.grounding.selection_weight > 0 needs thought mode: model.vlm.latent.mode: thought")
 
     @property
     def any(self) -> bool:
-        return self.sketch_weight > 0 or self.diffusion_weight > 0 or self.contrastive_weight > 0
+        return self.sketch_weight > 0 or self.diffusion_weight > 0 or self.contrastive_weight > 0 or self.selection_weight > 0
 
 
 def block_vectors(input_ids: Tensor, latent_mask: Tensor, latent_vectors: Tensor, latent_start: int, blocks: Tensor) -> tuple[Tensor, Tensor]:
-    """The latent vectors of the chosen blocks, padded: ((n, N_max, D), (n, N_max) valid mask).
+    """Per-slot rows (the latent vectors, or the thoughts' relevance maps) of the chosen blocks, padded:
+    ((n, N_max, D), (n, N_max) valid mask).
 
     Blocks are numbered across the batch in row-major order of their `<|latent_start|>` tokens (the numbering
     of `Batch.aux_blocks`); `latent_vectors` (n_slots, D) follow `latent_mask`'s row-major order.
@@ -71,13 +80,23 @@ def block_vectors(input_ids: Tensor, latent_mask: Tensor, latent_vectors: Tensor
     return out, valid  # (n, N_max, D), (n, N_max)
 
 
-def grounding_losses(model: LatentVLM, batch: Batch, latent_mask: Tensor, latent_vectors: Tensor, cfg: GroundingConfig) -> dict[str, Tensor]:
-    """Weighted `*_loss` terms for the blocks of `batch` that have an aux image; {} when none applies."""
+def grounding_losses(
+    model: LatentVLM, batch: Batch, latent_mask: Tensor, latent_vectors: Tensor, cfg: GroundingConfig,
+    relevance: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Weighted `*_loss` terms for the blocks of `batch` that have an aux image; {} when none applies.
+    `relevance` (n_slots, M): the thoughts' maps (thought mode), for the selection loss."""
     if not cfg.any or batch.aux_blocks.numel() == 0:
         return {}
+    losses: dict[str, Tensor] = {}
+    if cfg.selection_weight > 0 and relevance is not None:
+        maps, valid = block_vectors(batch.input_ids, latent_mask, relevance, model.ids.latent_start, batch.aux_blocks)
+        region = batch.aux_regions[:, : maps.shape[-1]]  # (n, M)
+        losses["selection_loss"] = cfg.selection_weight * selection_loss(maps, valid, region)
+    if not (cfg.sketch_weight > 0 or cfg.diffusion_weight > 0 or cfg.contrastive_weight > 0):
+        return losses
     vectors, valid = block_vectors(batch.input_ids, latent_mask, latent_vectors, model.ids.latent_start, batch.aux_blocks)
     targets = model.grounding_targets(batch.aux_pixel_values)  # (n, T, D), no gradient
-    losses: dict[str, Tensor] = {}
     if cfg.sketch_weight > 0:
         pooled = pool_tokens(targets, model.backbone.token_grid, vectors.shape[1])  # (n, N_max, D)
         losses["sketch_loss"] = cfg.sketch_weight * sketch_loss(vectors, pooled, cfg.sketch_kind, valid)

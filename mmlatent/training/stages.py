@@ -265,7 +265,7 @@ class _Distillation(Stage):
             teacher = self._teacher_states(batch)
             positions = target_positions(model, batch.input_ids, self.positions)  # (B, L)
             losses["align_loss"] = self.align_weight * self.alignment(model, batch, out, positions, teacher)
-        losses.update(grounding_losses(model, batch, out.latent_mask, out.latent_vectors, self.cfg.grounding))
+        losses.update(grounding_losses(model, batch, out.latent_mask, out.latent_vectors, self.cfg.grounding, out.relevance))
         return losses
 
 

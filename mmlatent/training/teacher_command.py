@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from functools import partial
 
 import torch
 
-from mmlatent.data.batch import collate
 from mmlatent.data.pipeline import ShardStream
 from mmlatent.data.processor import Processor
 from mmlatent.data.shards import expand_shards, manifest_count
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = [manifest_count(spec) for spec in args.shards]
     total = None if None in counts else sum(counts)
     stream = ShardStream(
-        urls, processor, partial(collate, pad_id=processor.ids.pad, latent_start_id=processor.ids.latent_start),
+        urls, processor, processor.collate,
         args.batch_size, shuffle_buffer=0, loop=False, partial_batches=True,
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(args.workers, len(urls)))

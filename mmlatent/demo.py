@@ -137,7 +137,7 @@ def evaluate_mode(ckpt: Path, data, latent: bool, max_new_tokens: int, intervent
                   return_latents: bool = False, batch_size: int = 50):
     """(summary, records, generated) of a checkpoint on the test questions."""
     from mmlatent.evaluation.runner import EvalConfig, generate_responses, score, summarize
-    from mmlatent.training.checkpoint_io import load_model
+    from mmlatent.training.checkpoint_reader import load_model
 
     model = load_model(ckpt)
     torch.manual_seed(0)  # the noise intervention draws from torch's generator

@@ -67,6 +67,28 @@ class TokenIds:
     pad: int
 
 
+def turn_header(role: str) -> str:
+    """The ChatML line that opens a `role` turn: `<|im_start|>role\\n`."""
+    return f"{SPECIAL.turn_start}{role}\n"
+
+
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, content: list[str | None], tokens_per_image: int
+) -> list[int]:
+    """The ids a model continues from for one user turn: the turn (`content`: text items, None where an image
+    goes, each image as `tokens_per_image` image tokens), then the opened assistant turn. The processor renders
+    training and evaluation prompts item by item in exactly this way (`mmlatent.data.processor`)."""
+    ids = token_ids(tokenizer)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out = encode(turn_header("user"))
+    for item in content:
+        out += [ids.image] * tokens_per_image if item is None else encode(item)
+    return out + encode(SPECIAL.turn_end) + encode("\n") + encode(turn_header("assistant"))
+
+
 def cache_dir() -> Path:
     """Where mmlatent keeps what it builds locally: `$MMLATENT_CACHE`, else `~/.cache/mmlatent`."""
     return Path(os.environ.get("MMLATENT_CACHE", Path.home() / ".cache" / "mmlatent"))

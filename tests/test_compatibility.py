@@ -47,7 +47,7 @@ def check_outputs(model: LatentVLM) -> None:
 
 
 def test_an_old_lightning_checkpoint_loads_and_computes_the_same(old_checkpoint):
-    from mmlatent.training.checkpoint_io import load_model
+    from mmlatent.training.checkpoint_reader import load_model
     from mmlatent.training.module import LatentVLMModule
 
     check_outputs(load_model(old_checkpoint))
@@ -57,7 +57,7 @@ def test_an_old_lightning_checkpoint_loads_and_computes_the_same(old_checkpoint)
 
 
 def test_an_old_export_folder_loads_and_computes_the_same(tmp_path, old_checkpoint):
-    from mmlatent.training.checkpoint_io import load_model
+    from mmlatent.training.checkpoint_reader import load_model
 
     folder = tmp_path / "export"
     shutil.copytree(FIXTURE / "export", folder)

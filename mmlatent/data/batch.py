@@ -7,7 +7,6 @@ readers see every field's shape in one place.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +50,8 @@ class ProcessedSample:
     [image_start, visible_until) may see (stage 2: an aux image is visible to its own latent block only)."""
     teacher: "ProcessedSample | None" = None
     """The same sample in the online teacher's layout (distillation stages), else None."""
+    truncated: bool = False
+    """The processor cut this sample at its `max_length` (`overlong="truncate"`); the pipeline counts it."""
 
 
 @dataclass
@@ -172,7 +173,3 @@ def collate(
         teacher=teacher,
     )
 
-
-def merge_counts(total: Counter, batch: Batch) -> None:
-    """Add a batch's skip counts into a running total."""
-    total.update(batch.skipped)

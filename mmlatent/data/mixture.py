@@ -1,7 +1,7 @@
 """Weighted mixtures of shard sets: one training stream that draws each sample from source i with
 probability weight_i / Σ weights (Monet's six subsets, or Zebra-CoT beside ScienceQA).
 
-`MixtureStream` is a `ShardStream` whose first stage is a `MixedSource` (`sources.py`): one endless
+`MixtureStream` is a `ShardStream` whose first stage is a `MixedSource` (`sample_order.py`): one endless
 raw-sample sequence per shard set (shards drawn with replacement, independently in every rank and worker,
 seeded by (seed, epoch, rank, worker, set)), and the set of every next sample picked by weight. The later
 stages are the shard stream's own (shuffle, decode and validate, process, batch, skip counts), and
@@ -21,11 +21,11 @@ from mmlatent.config_io import ConfigError
 from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor
 from mmlatent.data.shards import expand_shards, manifest_count, shard_sizes
-from mmlatent.data.sources import MixedSource, WeightedSet
+from mmlatent.data.sample_order import MixedSource, WeightedSet
 
 
 @dataclass
-class MixtureSource:
+class MixtureComponent:
     """One shard set of a mixture."""
 
     shards: str = ""
@@ -42,7 +42,7 @@ class MixtureSource:
 class MixtureConfig:
     """Several shard sets streamed together by weight (replaces `data.train` when set)."""
 
-    sources: list[MixtureSource] = field(default_factory=list)
+    sources: list[MixtureComponent] = field(default_factory=list)
     """The shard sets and their weights."""
     samples_per_epoch: int | None = None
     """Samples that make one training epoch; None sums the sets' sample counts."""

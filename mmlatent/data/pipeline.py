@@ -2,7 +2,7 @@
 that cuts it into resumable epochs.
 
 `ShardStream` is the stage list (each stage says what is true after it); its first stage is a sample
-source (`sources.py`): by default every sample once per epoch, cut by a `BatchPlan` into per-rank and
+source (`sample_order.py`): by default every sample once per epoch, cut by a `BatchPlan` into per-rank and
 per-worker ranges; or endless resampled draws; or a weighted mixture of shard sets. The stream reads a
 worker's slots in blocks of `shuffle_buffer`, each block permuted by (seed, epoch, rank, worker, block),
 and closes each planned batch with a marker, so batch boundaries are planned, not counted: a sample that
@@ -24,13 +24,12 @@ positions that are pure functions of (seed, epoch, rank, worker, step).
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import logging
 import random
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from itertools import count, islice
 from typing import Callable, Iterable, Iterator
 
@@ -41,10 +40,11 @@ from torch.utils.data import DataLoader
 
 from mmlatent.data.batch import Batch, ProcessedSample
 from mmlatent.data.plan import Remainder
+from mmlatent.data.processor import Processor
 from mmlatent.data.sample import IMAGE_EXTENSIONS, SampleError, validate_sample
 from mmlatent.data.shards import shard_sizes
 from mmlatent.data.skips import KEPT, TAR_EVENTS, SkipCounter, SkipSummary
-from mmlatent.data.sources import EpochSource, ResampledSource, WorkerView
+from mmlatent.data.sample_order import EpochSource, ResampledSource, WorkerView
 
 __all__ = ["SkipCounter", "SkipSummary", "KEPT", "TAR_EVENTS", "ShardStream", "EpochLoader", "FillerBatch",
            "decode_samples", "process_samples", "attach_skips"]
@@ -111,23 +111,8 @@ def _decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
-def _was_truncated(processor, sample: dict, out: ProcessedSample) -> bool:
-    """Whether the processor cut `sample` to its `max_length` (asked again with the drop policy, only for
-    outputs exactly at the limit: the truncated ones and exact fits)."""
-    cfg = getattr(processor, "cfg", None)
-    if getattr(cfg, "overlong", None) != "truncate" or out.input_ids.numel() != cfg.max_length:
-        return False
-    strict = copy.copy(processor)
-    strict.cfg = replace(cfg, overlong="drop")
-    try:
-        strict(sample)
-    except SampleError as err:
-        return err.reason == "too_long"
-    return False
-
-
 def process_samples(
-    src: Iterable[dict | BatchEnd], processor: Callable[[dict], ProcessedSample], counter: SkipCounter
+    src: Iterable[dict | BatchEnd], processor: Processor, counter: SkipCounter
 ) -> Iterator[ProcessedSample | BatchEnd]:
     """Decoded samples -> token ids, labels, weights and image tensors (a stage's layout).
 
@@ -146,7 +131,7 @@ def process_samples(
         except (KeyError, ValueError, TypeError) as err:
             counter.add("process_error", f"{sample['url']}:{sample['key']}: {err!r}")
             continue
-        if _was_truncated(processor, sample, out):
+        if out.truncated:
             counter.add("truncated", f"{sample['url']}:{sample['key']}: cut to {out.input_ids.numel()} tokens")
         yield out
 
@@ -178,7 +163,7 @@ class ShardStream(wds.DataPipeline):
     def __init__(
         self,
         urls: list[str],
-        processor: Callable[[dict], ProcessedSample],
+        processor: Processor,
         collate_fn: Callable[[list[ProcessedSample]], Batch],
         batch_size: int,
         *,
@@ -240,8 +225,7 @@ class ShardStream(wds.DataPipeline):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if hasattr(self.processor, "set_epoch"):  # e.g. the Coconut curriculum grows with the epoch
-            self.processor.set_epoch(epoch)
+        self.processor.set_epoch(epoch)  # e.g. the Coconut curriculum grows with the epoch
 
     def worker_position(self, epoch: int, rank: int, world: int, worker: int, workers: int, steps_done: int) -> dict:
         """How far logical worker `worker` of rank `rank` got after `steps_done` steps of `epoch`."""

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from mmlatent.data.batch import IGNORE_INDEX, Batch, ProcessedSample, collate
 from mmlatent.data.masks import observation_mask
 from mmlatent.data.sample import SampleError
-from mmlatent.tokens import SPECIAL, token_ids
+from mmlatent.tokens import SPECIAL, token_ids, turn_header
 
 
 @dataclass
@@ -208,7 +208,7 @@ class Processor:
 
         for msg in meta["messages"]:
             role = msg["role"]
-            emit(self._fixed(f"{SPECIAL.turn_start}{role}\n"), False)
+            emit(self._fixed(turn_header(role)), False)
             if role == "assistant":
                 if prompt_length is None:
                     prompt_length = len(ids)
@@ -244,7 +244,8 @@ class Processor:
         return out
 
     def _finish(self, lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length, regions) -> ProcessedSample:
-        if len(ids) > self.cfg.max_length:
+        truncated = len(ids) > self.cfg.max_length
+        if truncated:
             cut = self.cfg.max_length
             inside = {self.ids.image, self.ids.latent, self.ids.latent_start}
             if self.cfg.overlong == "drop" or ids[cut - 1] in inside:  # never cut an image or a block in half
@@ -273,6 +274,7 @@ class Processor:
             aux_blocks=torch.tensor([b for b, _, _ in targets], dtype=torch.long),
             aux_regions=regions,
             hidden_spans=torch.tensor(spans, dtype=torch.long).view(-1, 3),
+            truncated=truncated,
         )
 
     def _weights(self, lay: SequenceLayout, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ class TaskMix:
             if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                 raise ValueError(f"task_mix.{kind} must be a finite number >= 0, got {w!r}")
         if sum(self.weights()) <= 0:
-            raise ValueError("task_mix: at least one of lookup, marked, chase must be > 0")
+            raise ValueError(f"task_mix: at least one of {', '.join(TASK_KINDS)} must be > 0")
 
     def weights(self) -> list[float]:
         """Weights in `TASK_KINDS` order."""
@@ -326,12 +326,6 @@ def _arrow_steps(cfg: SynthConfig, p: Puzzle) -> list[dict]:
 def frame_width(cell: int) -> int:
     """Frame thickness in pixels for a cell of `cell` pixels (3 px for 16-px cells)."""
     return max(1, round(cell * 3 / 16))
-
-
-def background_probe(cell: int) -> tuple[int, int]:
-    """(dy, dx) offset inside a cell of a pixel that always shows the background (even when framed)."""
-    w = frame_width(cell)
-    return w, w
 
 
 @lru_cache(maxsize=None)

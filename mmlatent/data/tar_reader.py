@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 from webdataset.gopen import gopen
 
@@ -167,13 +167,3 @@ def shard_samples(url: str, start: int = 0, stop: int | None = None) -> Iterator
         close = getattr(stream, "close", None)
         if close is not None:
             close()
-
-
-def tar_samples(src: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """{"url"} dicts -> every raw sample of each shard, in order; damage goes to `handler` (False: stop)."""
-    for item in src:
-        try:
-            yield from shard_samples(item["url"])
-        except (tarfile.TarError, OSError, EOFError) as exn:
-            if not handler(exn):
-                return

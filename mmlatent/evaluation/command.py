@@ -6,7 +6,7 @@
     mmlatent eval --task synthetic --data data/synth/val --model CKPT --output OUT --latent-intervention zero
     mmlatent eval --task mmmu --data DIR --split validation --responses R.jsonl --output OUT
 
-`--model` takes a Lightning checkpoint (`.ckpt`, read by `training.checkpoint_io` with `weights_only=True`)
+`--model` takes a Lightning checkpoint (`.ckpt`, read by `training.checkpoint_reader` with `weights_only=True`)
 or an exported folder or Hub id (`LatentVLM.from_pretrained`). The last line printed is a
 JSON summary. Plain argparse keeps this command independent of the Lightning CLI; the trade-off is that
 its options are listed here rather than derived from the config dataclass (`EvalConfig` still holds
@@ -32,7 +32,7 @@ def load_model(path: str, device: str = "cpu", revision: str | None = None) -> L
     Hub id (`load_pretrained`), in eval mode on `device`."""
     p = Path(path)
     if p.suffix == ".ckpt":
-        from mmlatent.training.checkpoint_io import load_model as load_checkpoint_model
+        from mmlatent.training.checkpoint_reader import load_model as load_checkpoint_model
 
         model = load_checkpoint_model(p)
     elif p.is_dir() and not (p / "config.json").is_file():

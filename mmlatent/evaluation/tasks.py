@@ -18,7 +18,7 @@ from mmlatent.evaluation.mmmu import MMMUTask
 from mmlatent.evaluation.question import Question, Task
 from mmlatent.evaluation.scienceqa import ScienceQATask
 from mmlatent.evaluation.shards import ShardsTask, SyntheticTask
-from mmlatent.evaluation.sources import image_presence, open_image, read_parquet, resolve_root, split_files
+from mmlatent.evaluation.parquet_splits import image_presence, open_image, read_parquet, resolve_root, split_files
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (MMMUTask, ScienceQATask, ShardsTask, SyntheticTask)}
 """Benchmarks by `--task` name."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -24,13 +25,17 @@ from mmlatent.model import serialization
 from mmlatent.model.backbone import ComposedBackbone, LMOutput
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.diffusion_head import DiffusionHead
+from mmlatent.model.generation import Generated, GenerationConfig, generate_voted
 from mmlatent.model.language_model import load_language_model
 from mmlatent.model.lora import LoraAdapters, LoraConfig, apply_lora
 from mmlatent.model.lq_former import LQFormer
 from mmlatent.model.native_backbone import build_native_backbone
 from mmlatent.model.sketch_head import SketchHead
 from mmlatent.model.tokenizer import load_tokenizer
-from mmlatent.tokens import token_ids
+from mmlatent.tokens import prompt_ids, token_ids
+
+IMAGE_MARKER = "<image>"
+"""Where an image goes in a `LatentVLM.generate` prompt."""
 
 
 @dataclass
@@ -157,6 +162,41 @@ class LatentVLM(nn.Module):
         return self.backbone.forward_lm(
             embeds, attention_mask, position_ids, output_hidden_states=output_hidden_states
         )
+
+    @torch.no_grad()
+    def generate(
+        self, images: list[Image.Image | list[Image.Image]], prompts: list[str], config: GenerationConfig | None = None
+    ) -> list[Generated]:
+        """Answer questions about images, batched: `images[i]` (one PIL image or a list) goes with `prompts[i]`.
+
+        Each `<image>` in a prompt marks where its next image goes; a prompt without markers gets its images
+        first, as the training data puts question images. Returns one `Generated` per prompt: `.text`, the
+        positions spent, and with `config.return_latents` the vectors of its latent blocks (thought mode: what
+        each thought selected). Decoding follows `config` (greedy, latent blocks allowed, by default).
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"generate: {len(images)} image entries for {len(prompts)} prompts")
+        device = next(self.parameters()).device
+        transform = self.backbone.image_transform(train=False)
+        ids, pixels = [], []
+        for i, (imgs, text) in enumerate(zip(images, prompts)):
+            imgs = [imgs] if isinstance(imgs, Image.Image) else list(imgs)
+            pieces = text.split(IMAGE_MARKER)
+            if len(pieces) == 1:
+                content: list[str | None] = [*[None] * len(imgs), text]
+            elif len(pieces) - 1 == len(imgs):
+                content = [x for k, piece in enumerate(pieces) for x in ([None, piece] if k else [piece]) if x != ""]
+            else:
+                raise ValueError(f"generate: prompt {i} has {len(pieces) - 1} {IMAGE_MARKER} markers for {len(imgs)} images")
+            ids.append(torch.tensor(prompt_ids(self.tokenizer, content, self.tokens_per_image), device=device))
+            pixels += [transform(img.convert("RGB")) for img in imgs]
+        pixel_values = torch.stack(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)  # (N_img, 3, H, W)
+        was_training = self.training
+        self.eval()
+        try:
+            return generate_voted(self, ids, pixel_values, config or GenerationConfig())
+        finally:
+            self.train(was_training)
 
     @classmethod
     def from_pretrained(cls, dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> "LatentVLM":

@@ -34,7 +34,7 @@ from mmlatent.model.generation import GenerationConfig, generate
 from mmlatent.model.latent_vlm import LatentVLM
 from mmlatent.model.presets import preset
 from mmlatent.training.acceleration import AccelerationConfig, apply_acceleration, prepare_ddp
-from mmlatent.training.checkpoint_io import init_weights
+from mmlatent.training.checkpoint_reader import init_weights
 from mmlatent.training.fault import FaultConfig, StepGuard
 from mmlatent.training.optim import OptimConfig, build_optimizer
 from mmlatent.training.resume import gather_rng_states, set_rng_state

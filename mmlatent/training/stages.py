@@ -231,7 +231,7 @@ class _Distillation(Stage):
             if self._cache.kind != self.positions:
                 raise ValueError(f"stage.teacher.cache {t.cache} holds {self._cache.kind} states; {self.name} needs {self.positions}")
         else:
-            from mmlatent.training.checkpoint_io import load_model
+            from mmlatent.training.checkpoint_reader import load_model
 
             self._teacher = load_model(t.checkpoint).requires_grad_(False)
 

@@ -18,7 +18,7 @@ from mmlatent.data.pipeline import ShardStream
 from mmlatent.data.processor import Processor
 from mmlatent.data.shards import expand_shards, manifest_count
 from mmlatent.data.skips import SkipSummary
-from mmlatent.training.checkpoint_io import load_model
+from mmlatent.training.checkpoint_reader import load_model
 from mmlatent.training.stages import StageConfig, build_stage
 from mmlatent.training.teacher import write_teacher_cache
 

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from mmlatent.atomic import move, write_json
 from mmlatent.data.convert.images import ImageFormat, ImageOptions
 from mmlatent.data.convert.skiplog import SKIPS_FILE, Skip, SkipLog
-from mmlatent.data.convert.sources import SourceInfo, parquet_columns_and_rows, parquet_num_rows
+from mmlatent.data.convert.input_files import SourceInfo, parquet_columns_and_rows, parquet_num_rows
 from mmlatent.data.sample import SampleError, validate_sample
 from mmlatent.data.shard_writer import RawSample, write_shards
 
@@ -335,15 +335,6 @@ def _start(out: Path, identity: dict, overwrite: bool) -> _Progress | dict:
     return _Progress([], 0, 0, Counter())
 
 
-def _take(it: Iterator, n: int) -> Iterator:
-    """The next `n` items of `it`, never pulling an item more."""
-    for _ in range(n):
-        try:
-            yield next(it)
-        except StopIteration:
-            return
-
-
 def _keyed(converter: Converter, start: int, stop: int | None) -> Iterator[tuple[int, str, Record]]:
     """(index, key, record) of the records from `start` on. Records before `start` (used by finished shards)
     are read and keyed but not yielded, so a repeated key is told apart the same way in a resumed run."""
@@ -473,7 +464,7 @@ def _write(converter: Converter, out: Path, options: ConvertOptions, identity: d
     samples = good_samples()
     try:
         while True:
-            stats = write_shards(_take(samples, options.samples_per_shard), staging, prefix=SHARD_PREFIX,
+            stats = write_shards(islice(samples, options.samples_per_shard), staging, prefix=SHARD_PREFIX,
                                  samples_per_shard=options.samples_per_shard, image_format=options.image_format,
                                  progress=False)
             progress.skipped.update(stats.skipped)  # write-time rejections (none expected: workers validate)

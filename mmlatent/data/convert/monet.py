@@ -39,7 +39,7 @@ from typing import Iterator
 from mmlatent.data.convert.answers import last_boxed, normalize_answer
 from mmlatent.data.convert.common import Converter, Record, make_key
 from mmlatent.data.convert.images import convert_image
-from mmlatent.data.convert.sources import SourceInfo, json_records, resolve_source
+from mmlatent.data.convert.input_files import SourceInfo, json_records, resolve_source
 from mmlatent.data.sample import OBSERVATION_CLOSE, OBSERVATION_OPEN, ROLES, SampleError
 from mmlatent.data.shard_writer import RawSample
 

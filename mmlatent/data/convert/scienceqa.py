@@ -25,7 +25,7 @@ from typing import Iterator
 from mmlatent.benchmarks import letter, scienceqa_content
 from mmlatent.data.convert.common import Converter, Record, make_key
 from mmlatent.data.convert.images import convert_image
-from mmlatent.data.convert.sources import SourceInfo, resolve_source
+from mmlatent.data.convert.input_files import SourceInfo, resolve_source
 from mmlatent.data.sample import SampleError
 from mmlatent.data.shard_writer import RawSample
 

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Literal
 from mmlatent.data.convert.answers import normalize_answer
 from mmlatent.data.convert.common import Converter, Record, make_key
 from mmlatent.data.convert.images import convert_image
-from mmlatent.data.convert.sources import SourceInfo, resolve_source
+from mmlatent.data.convert.input_files import SourceInfo, resolve_source
 from mmlatent.data.sample import OBSERVATION_CLOSE, OBSERVATION_OPEN, SampleError
 from mmlatent.data.shard_writer import RawSample
 

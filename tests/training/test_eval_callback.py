@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from mmlatent.evaluation.callback import EvalCallback, metric_name
-from tests.test_eval_data import write_scienceqa
+from tests.evaluation.test_eval_data import write_scienceqa
 
 
 class FakeModule:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmlatent.data.convert.images import ImageOptions, convert_image, load_image_bytes, reencode
-from mmlatent.data.convert.sources import glob_match, json_records, resolve_source
+from mmlatent.data.convert.input_files import glob_match, json_records, resolve_source
 from mmlatent.data.sample import SampleError
 
 

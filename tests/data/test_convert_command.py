@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mmlatent.cli import main
-from tests.test_convert_scienceqa import sqa, write_scienceqa
+from tests.data.test_convert_scienceqa import sqa, write_scienceqa
 
 
 def test_convert_help_lists_converters_and_documents_options(capsys):

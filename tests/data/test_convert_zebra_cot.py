@@ -265,7 +265,7 @@ def test_text_keeps_its_separators_in_every_aux_layout(tmp_path):
     sentences together, and the answer line starts on a line of its own."""
     from mmlatent.data.pipeline import SkipCounter, decode_samples
     from mmlatent.data.processor import SequenceLayout
-    from mmlatent.data.tar_reader import tar_samples
+    from mmlatent.data.tar_reader import shard_samples
 
     write_zebra(tmp_path / "Geometry" / "train.parquet",
                 [row(f"Find ∠C. {P(1)}", ISSUE_TRACE, "$\\boxed{70^\\circ}$", problem_image_1=struct(1),
@@ -274,7 +274,7 @@ def test_text_keeps_its_separators_in_every_aux_layout(tmp_path):
     out = tmp_path / "shards"
     convert("zebra_cot", ZebraCoTConfig(source=str(tmp_path)), str(out), opts())
     counter = SkipCounter()
-    (sample,) = decode_samples(tar_samples([{"url": str(p)} for p in out.glob("*.tar")], counter.tar_handler), counter)
+    (sample,) = decode_samples((s for p in out.glob("*.tar") for s in shard_samples(str(p))), counter)
     assert sample["meta"]["answer"] == "70^\\circ"  # the answer field is normalised; the text keeps the column's
 
     steps = ["THOUGHT 0: Mark the known angles.",

@@ -21,8 +21,8 @@ from mmlatent.data.synthetic import (
     SynthConfig,
     TaskMix,
     arrow_masks,
-    background_probe,
     corpus_texts,
+    frame_width,
     generate_sample,
     generate_split,
     make_puzzle,
@@ -30,6 +30,12 @@ from mmlatent.data.synthetic import (
 )
 
 MIXED = SynthConfig(task_mix=TaskMix(lookup=1.0, marked=1.0, chase=1.0), hops=(1, 3))
+
+
+def background_probe(cell: int) -> tuple[int, int]:
+    """(dy, dx) offset inside a cell of a pixel that always shows the background (even when framed)."""
+    w = frame_width(cell)
+    return w, w
 
 
 def cell_block(img: np.ndarray, cfg: SynthConfig, r: int, c: int) -> np.ndarray:

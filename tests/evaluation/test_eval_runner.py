@@ -8,7 +8,7 @@ import pytest
 
 from mmlatent.evaluation.runner import EvalConfig, PromptRenderer, evaluate, generate_responses, rescore
 from mmlatent.evaluation.tasks import load_eval_data
-from tests.test_eval_data import write_mmmu, write_scienceqa
+from tests.evaluation.test_eval_data import write_mmmu, write_scienceqa
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,30 @@ def test_rescore_reproduces_known_accuracy(mmmu, tmp_path):
     path.write_text(json.dumps({"id": "validation_Physics_9", "response": "A"}) + "\n")
     with pytest.raises(ValueError, match="not in mmmu validation"):
         rescore(mmmu, path)
+
+
+def test_public_generate_renders_and_answers_like_the_eval_runner(tiny_model, mmmu):
+    """`LatentVLM.generate(images, prompts)` builds the same prompt ids as evaluation (images at their
+    `<image>` markers) and gives the same answers, batched or one at a time."""
+    from mmlatent.model.generation import GenerationConfig
+    from mmlatent.model.latent_vlm import IMAGE_MARKER
+    from mmlatent.tokens import prompt_ids
+
+    q = next(q for q in mmmu.questions if q.id == "validation_Art_1")  # two images, inside the text
+    images = mmmu.images(q)
+    want, _ = PromptRenderer(tiny_model, open_latent=False).render(q, images)
+    content = [None if isinstance(item, int) else item for item in q.content]
+    assert prompt_ids(tiny_model.tokenizer, content, tiny_model.tokens_per_image) == want.tolist()
+
+    text = "".join(IMAGE_MARKER if isinstance(item, int) else item for item in q.content)
+    pictures = [images[item] for item in q.content if isinstance(item, int)]
+    cfg = GenerationConfig(max_new_tokens=12)
+    got = tiny_model.generate([pictures], [text], cfg)
+    runner = generate_responses(tiny_model, mmmu, [q], EvalConfig(max_new_tokens=12, progress=False))
+    assert got[0].token_ids == runner[0].token_ids and got[0].text == runner[0].text
+
+    batch = tiny_model.generate([pictures, pictures[0]], [text, "What colour is it?"], cfg)
+    alone = tiny_model.generate([pictures[0]], ["What colour is it?"], cfg)
+    assert batch[0].token_ids == got[0].token_ids and batch[1].token_ids == alone[0].token_ids
+    with pytest.raises(ValueError, match="1 <image> markers for 2 images"):
+        tiny_model.generate([pictures], [f"{IMAGE_MARKER} only one"], cfg)

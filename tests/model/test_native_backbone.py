@@ -243,7 +243,7 @@ def test_three_stages_export_and_evaluate(hub_folders, short_synth, tmp_path, ki
     from mmlatent.training.module import LatentVLMModule
     from mmlatent.training.stages import StageConfig
     from mmlatent.training.teacher import TeacherConfig
-    from tests.test_eval_data import write_scienceqa
+    from tests.evaluation.test_eval_data import write_scienceqa
 
     cfg = hub_config(kind, hub_folders[kind][0], mode)
     cfg.latent.slots = 2  # fewer slot columns: fewer forwards per step (the loop is the same)

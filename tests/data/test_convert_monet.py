@@ -19,7 +19,7 @@ from mmlatent.data.convert import ConversionError, ConvertOptions, MonetConfig, 
 from mmlatent.data.convert.monet import MARKER
 from mmlatent.data.pipeline import SkipCounter, decode_samples
 from mmlatent.data.processor import Processor, SequenceLayout
-from mmlatent.data.tar_reader import tar_samples
+from mmlatent.data.tar_reader import shard_samples
 from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
 from tests.conftest import read_samples
 
@@ -232,8 +232,8 @@ def test_stage2_layout_puts_the_latent_block_right_after_the_aux_image(monet_roo
     convert("monet", MonetConfig(source=str(monet_root), files=["Visual_CoT/train.json"]), str(out),
             ConvertOptions(image_format="png", samples_per_shard=8, workers=0, progress=False))
     counter = SkipCounter()
-    urls = [{"url": str(p)} for p in sorted(out.glob("*.tar"))]
-    decoded = list(decode_samples(tar_samples(urls, handler=counter.tar_handler), counter))
+    raw = (s for p in sorted(out.glob("*.tar")) for s in shard_samples(str(p)))
+    decoded = list(decode_samples(raw, counter))
     assert counter.counts == {} and len(decoded) == 2
     tok = load_tokenizer(TokenizerConfig())
     layout = SequenceLayout(aux_images="image_then_latent", observation_weight=4.0, latent_slots=3)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_convert_monet import BOXED, image, save_png, text
-from tests.test_convert_zebra_cot import R, P, TRACE, row, struct, write_zebra
+from tests.data.test_convert_monet import BOXED, image, save_png, text
+from tests.data.test_convert_zebra_cot import R, P, TRACE, row, struct, write_zebra
 
 CONFIGS = REPO / "train" / "configs" / "tiny"
 

@@ -11,7 +11,7 @@ import torch
 from mmlatent.evaluation.command import load_model, main
 from mmlatent.evaluation.runner import EvalConfig, evaluate
 from mmlatent.evaluation.tasks import load_eval_data
-from tests.test_eval_data import write_mmmu, write_scienceqa
+from tests.evaluation.test_eval_data import write_mmmu, write_scienceqa
 
 
 def last_json(capsys) -> dict:

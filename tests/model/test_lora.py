@@ -11,7 +11,7 @@ import torch
 from mmlatent.model.latent_vlm import LatentVLM
 from mmlatent.model.lora import LoraConfig
 from mmlatent.model.presets import preset
-from tests.test_native_backbone import fit, make_batch, short_synth  # noqa: F401  (a fixture)
+from tests.model.test_native_backbone import fit, make_batch, short_synth  # noqa: F401  (a fixture)
 
 ADAPTER_MARKS = ("lora_A", "lora_B", "trainable_tokens_delta")
 
@@ -81,7 +81,7 @@ def test_train_save_resume_merge_export(short_synth, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from mmlatent.hub.export import export_checkpoint
-    from mmlatent.training.checkpoint_io import load_model
+    from mmlatent.training.checkpoint_reader import load_model
     from mmlatent.training.module import LatentVLMModule
 
     cfg = lora_model("tiny-qwen2.5-vl").cfg

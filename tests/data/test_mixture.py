@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlatent.data.mixture import MixtureConfig, MixtureSource, MixtureStream, ResolvedSource
+from mmlatent.data.mixture import MixtureConfig, MixtureComponent, MixtureStream, ResolvedSource
 from mmlatent.data.processor import Processor, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
 from mmlatent.data.shards import expand_shards
@@ -70,14 +70,14 @@ def test_samples_follow_the_weights_and_the_stream_is_reproducible(tmp_path, pro
 def test_data_module_trains_on_a_mixture_weighted_by_size(tmp_path, processor):
     a = shard_set(tmp_path / "a", "a", 60, per_shard=60)  # one shard, fewer than the workers: fine here
     b = shard_set(tmp_path / "b", "b", 20)
-    dm = ShardDataModule(mixture=MixtureConfig(sources=[MixtureSource(shards=a), MixtureSource(shards=b)]),
+    dm = ShardDataModule(mixture=MixtureConfig(sources=[MixtureComponent(shards=a), MixtureComponent(shards=b)]),
                          batch_size=4, num_workers=2, shuffle_buffer=16)
     dm.attach_processors(processor, processor)
     loader = dm.train_dataloader()
     assert len(loader) == (60 + 20) // 4
     keys = [k for batch in loader for k in batch.keys]
     assert len(keys) == 80 and {k[0] for k in keys} == {"a", "b"}
-    one = MixtureConfig(sources=[MixtureSource(shards=a, weight=1.0, samples=8)], samples_per_epoch=12)
+    one = MixtureConfig(sources=[MixtureComponent(shards=a, weight=1.0, samples=8)], samples_per_epoch=12)
     dm = ShardDataModule(mixture=one, batch_size=4, num_workers=0)
     dm.attach_processors(processor, processor)
     assert len(dm.train_dataloader()) == 3
@@ -94,11 +94,11 @@ def test_bad_mixture_settings_name_the_field(tmp_path, processor):
         return dm.train_dataloader()
 
     with pytest.raises(ValueError, match=r"data.mixture.sources\[1\].shards"):
-        loader(MixtureSource(shards=a), MixtureSource(shards=str(tmp_path / "nowhere")))
+        loader(MixtureComponent(shards=a), MixtureComponent(shards=str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match=r"data.mixture.sources\[1\].weight is None"):
-        loader(MixtureSource(shards=a), MixtureSource(shards=str(bare)))
+        loader(MixtureComponent(shards=a), MixtureComponent(shards=str(bare)))
     with pytest.raises(ValueError, match="data.mixture.samples_per_epoch is not set"):
-        loader(MixtureSource(shards=a), MixtureSource(shards=str(bare), weight=1.0))
+        loader(MixtureComponent(shards=a), MixtureComponent(shards=str(bare), weight=1.0))
     with pytest.raises(ValueError, match="data.mixture.sources is empty"):
         loader()
 
@@ -122,4 +122,4 @@ def test_monet_recipe_mixture_config_parses():
     assert isinstance(mixture, MixtureConfig) and len(mixture.sources) == 6
     assert [Path(s.shards).name for s in mixture.sources] == [
         "Visual_CoT", "CogCoM", "ReFocus", "Zebra_CoT_count", "Zebra_CoT_visual_search", "Zebra_CoT_geometry"]
-    assert all(isinstance(s, MixtureSource) and s.weight is None for s in mixture.sources)
+    assert all(isinstance(s, MixtureComponent) and s.weight is None for s in mixture.sources)

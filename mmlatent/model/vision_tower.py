@@ -86,6 +86,13 @@ class VisionTowerConfig:
     freeze: bool = True
     """Freeze the tower: no trainable parameters, kept in eval mode even when the model trains, forward
     under `no_grad`."""
+    sincos_pos_embed: float | None = None
+    """Random init only: set the patch position embeddings to fixed-frequency 2D sin-cos values (as MAE)
+    times this scale, instead of the library's small random ones (still trained). A random tower's tokens
+    are then mostly *where* a patch is as well as *what* it shows: at the library's init, position explains
+    under 1% of a tiny tower's token variance and colour 79%, and a query that must find a cell by position
+    (the LQ-Former's token selection) stays at chance; at scale 3, position explains about half. None keeps
+    the library's init; ignored with pretrained weights, which bring their own."""
 
     def __post_init__(self) -> None:
         for field_name in ("image_size", "depth", "width", "heads", "patch_size"):
@@ -144,9 +151,22 @@ class VisionTower(nn.Module):
 
         self.grid_size, self.hidden_size = self._probe()
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
+        if cfg.sincos_pos_embed is not None and cfg.pretrained is None:
+            self._set_sincos_pos_embed(cfg.sincos_pos_embed)
         if cfg.freeze:
             self.model.requires_grad_(False)
         self.train(self.training)
+
+    def _set_sincos_pos_embed(self, scale: float) -> None:
+        """Overwrite the patch positions' embeddings with 2D sin-cos values × `scale` (prefix tokens kept)."""
+        if self._kind == "timm":
+            table, prefix = self.model.pos_embed[0], getattr(self.model, "num_prefix_tokens", 1)  # (prefix + T, D)
+        else:
+            table, prefix = self.model.positional_embedding, 1  # (1 + T, D)
+        if table.shape[0] != prefix + self.num_tokens:
+            raise ValueError(f"vision.sincos_pos_embed: {type(self.model).__name__} has no per-patch position table")
+        with torch.no_grad():
+            table[prefix:] = scale * sincos_2d(self.grid_size, table.shape[1]).to(table)  # (T, D)
 
     def train(self, mode: bool = True) -> "VisionTower":
         """Set the training mode; a frozen tower stays in eval mode (no dropout, fixed norm statistics)."""
@@ -408,3 +428,20 @@ def _load_module_weights(module: nn.Module, path: str) -> None:
         module.load_state_dict(_read_weights(path, open_clip_load_state_dict), strict=True)
     except RuntimeError as err:
         raise ValueError(f"vision.pretrained={path!r} does not match this tower's module: {err}") from err
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> Tensor:
+    """(h·w, dim) fixed 2D sin-cos position codes, row-major: the first half of the channels encodes the row,
+    the second half the column, each as sines and cosines of geometric frequencies (MAE's embedding)."""
+    h, w = grid
+    half = dim // 2
+
+    def axis(n: int, d: int) -> Tensor:
+        pos = torch.arange(n, dtype=torch.float64)[:, None]  # (n, 1)
+        freq = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) * 2 / d)  # (d/2,)
+        angle = pos * freq[None]  # (n, d/2)
+        return torch.cat([angle.sin(), angle.cos()], dim=1)  # (n, d)
+
+    rows = axis(h, half).repeat_interleave(w, dim=0)  # (h·w, half)
+    cols = axis(w, dim - half).repeat(h, 1)  # (h·w, dim - half)
+    return torch.cat([rows, cols], dim=1).float()  # (h·w, dim)

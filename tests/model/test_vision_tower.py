@@ -187,3 +187,22 @@ def test_unreadable_weights_file_names_the_field(tmp_path):
     for cfg in (TIMM_TINY, OPEN_CLIP_TINY):
         with pytest.raises(ValueError, match="vision.pretrained"):
             VisionTower(dataclasses.replace(cfg, pretrained=str(path)))
+
+
+@pytest.mark.parametrize("library", ["timm", "open_clip"])
+def test_sincos_pos_embed_sets_row_and_column_codes_on_the_patches(library):
+    """`sincos_pos_embed`: the patch positions get fixed 2D sin-cos codes × scale (first half of the channels
+    the row, second half the column), the prefix (CLS) embedding is kept, and the tower's tokens change."""
+    from mmlatent.model.vision_tower import sincos_2d
+
+    plain, coded = tower(library), tower(library, sincos_pos_embed=3.0)
+    get = (lambda t: t.model.pos_embed[0]) if library == "timm" else (lambda t: t.model.positional_embedding)
+    table, before = get(coded), get(plain)
+    assert torch.equal(table[0], before[0])  # CLS untouched
+    codes = sincos_2d((4, 4), table.shape[1])  # (16, D)
+    assert torch.allclose(table[1:], 3.0 * codes)
+    half = table.shape[1] // 2
+    rows, cols = codes[:, :half].view(4, 4, half), codes[:, half:].view(4, 4, -1)
+    assert torch.equal(rows[:, 0], rows[:, 3]) and not torch.equal(rows[0], rows[1])  # rows vary down only
+    assert torch.equal(cols[0], cols[3]) and not torch.equal(cols[:, 0], cols[:, 1])  # columns across only
+    assert not torch.allclose(plain(images()), coded(images()))

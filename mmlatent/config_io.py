@@ -2,7 +2,7 @@
 
 Checkpoints store hyper-parameters as plain dicts (so they load with `torch.load(weights_only=True)`), and
 `LightningModule.load_from_checkpoint` hands those dicts back to `__init__`. `from_dict` rebuilds the typed
-dataclass tree from them, recursing into nested dataclasses, optional fields and tuples, and it names the
+dataclass tree from them, recursing into nested dataclasses, optional fields, lists and tuples, and it names the
 offending field when a key is unknown, so an old or hand-edited checkpoint fails with a clear message.
 """
 
@@ -43,8 +43,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             if dataclasses.is_dataclass(arg) and isinstance(value, dict):
                 return from_dict(arg, value, path)
         return value
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = typing.get_args(tp)
+        item = args[0] if args and (origin is list or (len(args) == 2 and args[1] is Ellipsis)) else None
+        items = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)] if item is not None else list(value)
+        return tuple(items) if origin is tuple else items
     return value
 
 

@@ -207,6 +207,7 @@ def _decode(
     last_pos = pos[:, -1]  # (B,)
     for _ in range(cfg.max_new_tokens):
         logits[:, ids_.latent] = float("-inf")  # slots are fed by the loop inside a block, never chosen as text
+        logits[:, ids_.latent_end] = logits[:, ids_.latent_end].masked_fill(~in_latent, float("-inf"))  # no block to close
         if not cfg.latent:
             logits[:, ids_.latent_start] = float("-inf")
         tok = next_token(logits, cfg, gen)  # (B,)

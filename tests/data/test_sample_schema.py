@@ -55,9 +55,44 @@ def test_good_sample_passes_and_optional_fields_may_be_absent():
     validate_sample(good_sample(), [*REFS, "unused"])
 
 
-def test_constants():
-    assert IMAGE_EXTENSIONS == ("png", "jpg", "jpeg", "webp")
-    assert (OBSERVATION_OPEN, OBSERVATION_CLOSE) == ("<observation>", "</observation>")
+def test_observation_tags_are_what_validation_balances():
+    """The validator pairs exactly OBSERVATION_OPEN with OBSERVATION_CLOSE: a span built from them passes, either
+    tag alone fails, and look-alike tags are plain text."""
+    def with_answer(text: str) -> dict:
+        meta = good_sample()
+        meta["messages"][ASSISTANT]["content"] = [{"type": "aux_image", "ref": "aux0"}, {"type": "text", "text": text}]
+        return meta
+
+    validate_sample(with_answer(f"It is {OBSERVATION_OPEN}red{OBSERVATION_CLOSE}, so A."), REFS)
+    for text in (f"It is {OBSERVATION_OPEN}red, so A.", f"It is red{OBSERVATION_CLOSE}, so A.",
+                 f"{OBSERVATION_OPEN}{OBSERVATION_OPEN}red{OBSERVATION_CLOSE}{OBSERVATION_CLOSE}"):
+        with pytest.raises(SampleError) as info:
+            validate_sample(with_answer(text), REFS)
+        assert info.value.reason == "unbalanced_observation", text
+    for text in ("It is <obs>red, so A.", "It is <Observation>red, so A.", "It is red</observation >."):
+        validate_sample(with_answer(text), REFS)
+
+
+@pytest.mark.parametrize("ext", [*IMAGE_EXTENSIONS, "PNG", "Jpg"])
+def test_image_members_with_a_known_extension_are_written(ext: str):
+    """An image given as bytes is written as `KEY.<ref>.<ext>` for every extension of IMAGE_EXTENSIONS, given in
+    any case (written in lower case)."""
+    from mmlatent.data.shard_writer import RawSample, encode_sample
+
+    sample = RawSample("k1", good_sample(), {"img0": b"img", "aux0": b"aux"}, image_ext=ext)
+    members = encode_sample(sample)
+    assert members[f"img0.{ext.lower()}"] == b"img" and members[f"aux0.{ext.lower()}"] == b"aux"
+
+
+@pytest.mark.parametrize("ext", ["gif", "bmp", "tiff", "png.gz", ""])
+def test_image_members_with_another_extension_are_rejected(ext: str):
+    """Any extension outside IMAGE_EXTENSIONS fails as `bad_image`, naming the extension and the allowed ones."""
+    from mmlatent.data.shard_writer import RawSample, encode_sample
+
+    sample = RawSample("k1", good_sample(), {"img0": b"img", "aux0": b"aux"}, image_ext=ext)
+    with pytest.raises(SampleError) as info:
+        encode_sample(sample)
+    assert info.value.reason == "bad_image" and repr(ext) in info.value.detail and "webp" in info.value.detail
 
 
 def _set(path, value):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Iterator
+
 import torch
 
 from mmlatent.model.generation import GenerationConfig, generate_from_prompts
@@ -20,6 +25,23 @@ def reference_greedy(model, prompt, pixels, steps):
             break
         ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
     return new
+
+
+@contextmanager
+def steered(model, token_ids: list[int], shift: float) -> Iterator[None]:
+    """Add `shift` to the LM head's logits of `token_ids` while inside (a forward hook: the shared model's
+    weights are not touched), e.g. to make a random model open latent blocks."""
+
+    def hook(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., token_ids] += shift
+        return logits
+
+    handle = model.backbone.transformers_model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def prompts(model):
@@ -82,24 +104,67 @@ def test_latent_blocks_batched_equals_one_by_one(tiny_model):
 
 
 def test_no_latent_forbids_blocks(tiny_model):
+    """With the head steered to <|latent_start|>, `latent=True` opens a block at once and feeds its slots
+    (`entered_latent`, recorded latents); `latent=False` decodes the same prompts without any block."""
+    ids = tiny_model.ids
     ps, pixels = prompts(tiny_model)
-    cfg = GenerationConfig(max_new_tokens=6, latent=False)
-    for g in generate_from_prompts(tiny_model, ps, pixels, cfg):
-        assert tiny_model.ids.latent_start not in g.token_ids and g.latent_steps == 0
+    with steered(tiny_model, [ids.latent_start], 1e4):
+        opened = generate_from_prompts(tiny_model, ps, pixels, GenerationConfig(max_new_tokens=6, return_latents=True))
+        closed = generate_from_prompts(tiny_model, ps, pixels, GenerationConfig(max_new_tokens=6, latent=False))
+    for g in opened:  # the control: the steering does reach the latent path
+        assert g.token_ids == [ids.latent_start] + [ids.latent] * 5 and g.entered_latent and g.latent_steps == 5
+        assert [(r.block, r.slot) for r in g.latents] == [(0, s) for s in range(5)]
+    for g in closed:
+        assert ids.latent_start not in g.token_ids and ids.latent not in g.token_ids
+        assert not g.entered_latent and g.latent_steps == 0
+
+
+def test_a_block_marker_is_never_text(tiny_model):
+    """Outside a block, `<|latent_end|>` (nothing to close) and `<|latent|>` are never emitted, however
+    likely the head makes them; the decoded text stays plain."""
+    ids = tiny_model.ids
+    ps, pixels = prompts(tiny_model)
+    with steered(tiny_model, [ids.latent_end, ids.latent], 1e4):
+        out = generate_from_prompts(tiny_model, ps, pixels, GenerationConfig(max_new_tokens=6, latent=False))
+    for g in out:
+        assert len(g.token_ids) == 6 and not {ids.latent_end, ids.latent} & set(g.token_ids)
 
 
 def test_test_time_scaling_votes_over_noisy_trajectories(tiny_model):
+    """M noisy trajectories per prompt vote: the votes count every trajectory's answer and the winner's text
+    is returned; the noise really moves the latent trajectories (noise-free copies of a prompt all agree,
+    noisy ones differ from them, each by its own noise of the configured size). Nothing here depends on the
+    random weights of the session's tiny model."""
     from mmlatent.model.generation import generate_voted
 
+    ids = tiny_model.ids
+    M, std = 4, 1.0
     ps, pixels = latent_prompts(tiny_model)
-    cfg = GenerationConfig(max_new_tokens=12, trajectories=4, latent_noise="gaussian", noise_std=1.0, seed=0)
-    first = generate_voted(tiny_model, ps, pixels, cfg, extract=lambda t: t[:3] or None)
-    again = generate_voted(tiny_model, ps, pixels, cfg, extract=lambda t: t[:3] or None)
-    assert [g.token_ids for g in first] == [g.token_ids for g in again]  # seeded
-    for g in first:
-        assert sum(g.votes.values()) <= 4 and g.positions >= len(g.token_ids)
-        if g.votes:
-            assert g.text[:3] == max(g.votes, key=g.votes.get)
+    cfg = GenerationConfig(max_new_tokens=12, trajectories=M, latent_noise="gaussian", noise_std=std, seed=0)
+    clean_cfg = GenerationConfig(max_new_tokens=12, return_latents=True)
+    extract = lambda t: t[:3]  # noqa: E731  (every trajectory votes, an empty answer too)
+    rep = [p for p in ps for _ in range(M)]
+    rep_pixels = pixels.repeat_interleave(M, dim=0)  # one image per prompt
+    # text after a block: no marker tokens, so the answers are words rather than empty strings
+    with steered(tiny_model, [ids.latent_start, ids.latent_end], -1e4):
+        voted = generate_voted(tiny_model, ps, pixels, cfg, extract=extract)
+        again = generate_voted(tiny_model, ps, pixels, cfg, extract=extract)
+        noisy = generate_from_prompts(tiny_model, rep, rep_pixels, replace(cfg, return_latents=True))
+        clean = generate_from_prompts(tiny_model, rep, rep_pixels, clean_cfg)
+    assert [g.token_ids for g in voted] == [g.token_ids for g in again]  # seeded
+    for i, g in enumerate(voted):
+        group = noisy[i * M : (i + 1) * M]  # the same batch generate_voted decodes
+        assert g.votes == Counter(extract(t.text) for t in group) and sum(g.votes.values()) == M
+        assert g.text[:3] == max(g.votes, key=g.votes.get)
+        assert g.positions == sum(t.positions for t in group) and g.latent_steps == sum(t.latent_steps for t in group)
+    for i in (0, 2):  # the prompts that open a block: every slot's input carries its own noise
+        group, base = noisy[i * M : (i + 1) * M], clean[i * M : (i + 1) * M]
+        assert all(t.entered_latent for t in group)
+        assert all(b.token_ids == base[0].token_ids for b in base)
+        assert all(torch.equal(r.vector, s.vector) for b in base for r, s in zip(b.latents, base[0].latents))
+        first = torch.stack([t.latents[0].vector for t in group])  # slot 0: same hidden state, then noise
+        shift = first - base[0].latents[0].vector
+        assert abs(float(shift.std()) - std) < 0.2 and len({tuple(x.tolist()) for x in first}) == M
 
 
 def test_latent_noise_kinds():

@@ -27,6 +27,7 @@ from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from mmlatent.data.batch import Batch  # noqa: E402
+from mmlatent.evaluation.chart import save_figure  # noqa: E402
 from mmlatent.model.diffusion_head import sample as diffusion_sample  # noqa: E402
 from mmlatent.model.diffusion_head import sample_scheduler  # noqa: E402
 from mmlatent.model.latent_loop import latent_forward  # noqa: E402
@@ -88,12 +89,7 @@ def visualize_sample(model: LatentVLM, batch: Batch, out_path: str | Path, row: 
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.suptitle(f"{batch.keys[row]}: latent block of {len(block)} slots", fontsize=9)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def visualize_answer(
@@ -143,9 +139,4 @@ def visualize_answer(
             ax.scatter([top[1]], [top[0]], marker="x", color="cyan", s=30)
             ax.set_title(f"thought {j}", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)

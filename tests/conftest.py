@@ -13,6 +13,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def random_png(seed: int, size: tuple[int, int] = (32, 24)) -> bytes:
+    """PNG bytes of (width, height) random pixels, the same for the same seed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def read_samples(out: Path) -> dict[str, dict]:
     """key -> {"json": dict, "<ref>.<ext>": bytes} from every shard of `out`, in shard order."""
     import json

@@ -17,6 +17,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out `fig`, write it to `path` (its folder created) and close it: every mmlatent picture ends so."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def panels(results: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
     """(title, {label: group}) per panel, in display order (top to bottom)."""
     b = results["breakdown"]
@@ -57,7 +67,4 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
         f"unparsed {results['unparsed']}",
         fontsize=11,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)

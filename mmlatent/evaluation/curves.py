@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mmlatent.evaluation.chart import save_figure  # noqa: E402
+
 PANELS: tuple[tuple[str, str, str], ...] = (
     ("train/loss", "training loss (running mean)", "loss"),
     ("val/observation_acc", "observation accuracy (dev, teacher-forced)", "accuracy"),
@@ -75,9 +77,4 @@ def plot_curves(runs: dict[str, str | Path], out_path: str | Path, chance: float
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_path)

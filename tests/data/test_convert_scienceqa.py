@@ -12,19 +12,12 @@ import pytest
 from PIL import Image
 
 from mmlatent.data.convert import ConvertOptions, ScienceQAConfig, convert
-from tests.conftest import read_samples
+from tests.conftest import random_png as png, read_samples
 
 CATEGORIES = ("task", "grade", "subject", "topic", "category", "skill")
 
 KEY = "scienceqa-train-00000-of-00001"
 """Key prefix of the fixture's train file: keys are `scienceqa-<file>-<row>`."""
-
-
-def png(seed: int, size=(40, 30)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def write_scienceqa(path: Path, rows: list[dict], drop: tuple[str, ...] = ()) -> None:

@@ -9,26 +9,18 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from mmlatent.data.convert import ConvertOptions, ZebraCoTConfig, convert
 from mmlatent.data.convert.zebra_cot import ZebraCoTConverter
-from tests.conftest import read_samples
+from tests.conftest import random_png as png, read_samples
 
 TEXT_COLUMNS = ("Question", "Text Reasoning Trace", "Final Answer")
 
 PHYSICS = "zebra_cot-Scientific_Reasoning_-_Physics-train-00000-of-00001"
 JIGSAW = "zebra_cot-2D_Visual_Reasoning_-_Visual_Jigsaw-train-00000-of-00001"
 """Key prefixes of the fixture's two files: keys are `zebra_cot-<category>-<file>-<row>`."""
-
-
-def png(seed: int, size=(32, 24)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def struct(seed: int, size=(32, 24)) -> dict:

@@ -42,7 +42,7 @@ def main() -> None:
         synthesize(tmp, SynthConfig(), train=args.samples, val=0, seed=0, samples_per_shard=args.samples // 8, progress=False)
         module = LatentVLMModule()
         dm = ShardDataModule(train=SplitConfig(shards=f"{tmp}/train"), batch_size=args.batch_size, num_workers=args.workers)
-        dm.attach_processors(module.build_processor(train=True), module.build_processor(train=False))
+        dm.attach_model(module.model)
         loader = dm.train_dataloader()
 
         it = iter(loader)

@@ -62,7 +62,7 @@ class MMLatentCLI(LightningCLI):
     the whole usage text (`explain`); `--help` still prints the usage.
     """
 
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], run: bool = True):
         from mmlatent.training.datamodule import ShardDataModule
         from mmlatent.training.module import LatentVLMModule
 
@@ -74,7 +74,16 @@ class MMLatentCLI(LightningCLI):
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "mmlatent"},
+            run=run,
         )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """The data module's sequence layouts follow the model's stage and slot count (one place to set them)."""
+        from mmlatent.training.stages import data_layout, data_teacher_layout
+
+        sources = ("model.stage", "model.vlm.latent.slots")
+        parser.link_arguments(sources, "data.layout", compute_fn=data_layout)
+        parser.link_arguments(sources, "data.teacher_layout", compute_fn=data_teacher_layout)
 
     def parse_arguments(self, parser, args) -> None:
         subcommand = args[0] if args else None
@@ -84,7 +93,7 @@ class MMLatentCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            sub = parser._subcommands_action._name_parser_map.get(subcommand, parser)
+            sub = getattr(parser._subcommands_action, "_name_parser_map", {}).get(subcommand, parser)
             print(explain(str(err), self._args, list(sub.get_defaults().keys()), subcommand), file=sys.stderr)
             sys.exit(2)
 

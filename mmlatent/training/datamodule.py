@@ -1,7 +1,10 @@
 """The LightningDataModule: shard locations in, an `EpochLoader` of typed batches out.
 
-It asks the LightningModule for the processor (tokenizer, image transform and the stage's layout), so
-the data side never guesses what the model wants. Training and evaluation read exact epochs: every
+Its configuration says how a sample becomes a sequence: `layout` (and `teacher_layout` for an online
+teacher's view), which the CLI links from `model.stage` and the model's slot count, so one config file
+states both and they cannot drift. The tokenizer, image transform and image-token count are the model's
+own and are read from the trainer's model at `setup`; a layout that is not the model stage's is an error
+naming both. Training and evaluation read exact epochs: every
 sample once per epoch across all ranks and workers, every rank the same ⌈N ÷ (W × B)⌉ steps, the last
 step or two holding smaller batches (`epoch_remainder`, see `data/plan.py`). The sample count N is
 counted from the shards themselves; a `manifest.json` count that disagrees is reported. The resampled
@@ -22,7 +25,7 @@ import torch
 from mmlatent.config_io import ConfigError
 from mmlatent.data.mixture import MixtureConfig, mixture_loader
 from mmlatent.data.pipeline import EpochLoader, ShardStream
-from mmlatent.data.processor import Processor, ProcessorConfig
+from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
 from mmlatent.data.shards import expand_shards, manifest_count
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ class ShardDataModule(L.LightningDataModule):
         mixture: MixtureConfig | None = None,
         epoch_remainder: Literal["spread", "drop"] = "spread",
         pin_memory: bool = True,
+        layout: SequenceLayout | None = None,
+        teacher_layout: SequenceLayout | None = None,
     ):
         """
         Args:
@@ -75,6 +80,11 @@ class ShardDataModule(L.LightningDataModule):
                 keeps every batch full and leaves the epoch's last N mod (W × B) samples out (they change
                 from epoch to epoch as the shard order is reshuffled). Evaluation always uses `spread`.
             pin_memory: Pin batches in page-locked memory when training on a GPU (faster host-to-device copies).
+            layout: How each sample is laid out as a sequence (aux images inline, latent blocks, the answer
+                alone). The CLI links it from `model.stage` (`mmlatent.training.stages.data_layout`); in
+                Python pass `data_layout(stage_cfg, latent_slots)`. None: stage 1's (`SequenceLayout()`).
+            teacher_layout: The online teacher's view, rendered beside `layout` (linked like `layout`;
+                None: the stage has no online teacher).
         """
         super().__init__()
         self.train_cfg = train
@@ -88,6 +98,8 @@ class ShardDataModule(L.LightningDataModule):
         self.mixture = mixture
         self.epoch_remainder = epoch_remainder
         self.pin_memory = pin_memory
+        self.layout = layout if layout is not None else SequenceLayout()
+        self.teacher_layout = teacher_layout
         self._processor: Processor | None = None
         self._train_loader: EpochLoader | None = None
         self._train_state: dict | None = None
@@ -104,9 +116,28 @@ class ShardDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self._processor is None:
             module = self.trainer.lightning_module
-            self.attach_processors(
-                module.build_processor(train=True, cfg=self.processor_cfg),
-                module.build_processor(train=False, cfg=self.processor_cfg),
+            self._check_layout(module)
+            self.attach_model(module.model)
+
+    def attach_model(self, model) -> None:
+        """Build the processor from `model`'s tokenizer and image transform and this module's layouts
+        (`setup` does this with the trainer's model; benchmarks call it without a Trainer)."""
+        processor = Processor.for_model(model, self.layout, self.processor_cfg, self.teacher_layout)
+        self.attach_processors(processor, processor)
+
+    def _check_layout(self, module) -> None:
+        """Fail at start if this module's layouts are not the ones the model's stage trains on."""
+        want = getattr(module, "data_layouts", None)
+        if want is None:
+            return
+        layout, teacher = want()
+        if (self.layout, self.teacher_layout) != (layout, teacher):
+            name = module.stage.name
+            raise ConfigError(
+                f"data.layout / data.teacher_layout are not stage {name!r}'s: the data module renders {self.layout} "
+                f"(teacher {self.teacher_layout}), the model trains on {layout} (teacher {teacher}). The CLI links "
+                f"them from model.stage; in Python pass layout=data_layout(stage_cfg, latent_slots) and "
+                f"teacher_layout=data_teacher_layout(stage_cfg, latent_slots) from mmlatent.training.stages"
             )
 
     @property

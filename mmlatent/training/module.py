@@ -27,7 +27,7 @@ from torch import Tensor
 from mmlatent.config_io import from_dict
 from mmlatent.data.batch import Batch
 from mmlatent.data.pipeline import FillerBatch, SkipSummary
-from mmlatent.data.processor import Processor, ProcessorConfig
+from mmlatent.data.processor import SequenceLayout
 from mmlatent.evaluation.parsing import judge
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig, generate
@@ -112,11 +112,10 @@ class LatentVLMModule(L.LightningModule):
         self.val_answers = val_answers
         self._answer_counts = torch.zeros(2, dtype=torch.float64)  # (correct, judged) of the validation epoch
 
-    def build_processor(self, train: bool, cfg: ProcessorConfig | None = None) -> Processor:
-        """The data processor matching this model and stage (called by the data module)."""
+    def data_layouts(self) -> tuple[SequenceLayout, SequenceLayout | None]:
+        """(layout, online teacher's layout) this stage trains on: what the data module's must equal."""
         slots = self.vlm_cfg.latent.slots
-        teacher = self.stage.online_teacher_layout(slots)
-        return Processor.for_model(self.model, self.stage.layout(slots), cfg or ProcessorConfig(), teacher)
+        return self.stage.layout(slots), self.stage.online_teacher_layout(slots)
 
     def configure_model(self) -> None:
         """Before the strategy wraps the model: DDP defaults, gradient checkpointing, torch.compile (once)."""

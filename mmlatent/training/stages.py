@@ -26,6 +26,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from mmlatent.config_io import from_dict
 from mmlatent.data.batch import Batch
 from mmlatent.data.processor import SequenceLayout
 from mmlatent.losses.alignment import cosine_alignment
@@ -317,3 +318,20 @@ def build_stage(cfg: StageConfig) -> Stage:
     if cfg.name not in STAGES:
         raise ValueError(f"stage.name={cfg.name!r}: expected one of {sorted(STAGES)}")
     return STAGES[cfg.name](cfg)
+
+
+def _stage_config(cfg) -> StageConfig:
+    """A `StageConfig` from itself or from the parser's view of one (a namespace or a dict)."""
+    if isinstance(cfg, StageConfig):
+        return cfg
+    return from_dict(StageConfig, cfg.as_dict() if hasattr(cfg, "as_dict") else dict(cfg), "model.stage")
+
+
+def data_layout(stage: StageConfig, latent_slots: int) -> SequenceLayout:
+    """The layout the data module renders for this stage (the CLI links it from `model.stage`)."""
+    return build_stage(_stage_config(stage)).layout(latent_slots)
+
+
+def data_teacher_layout(stage: StageConfig, latent_slots: int) -> SequenceLayout | None:
+    """The online teacher's view the data module also renders, None without one (linked like `data_layout`)."""
+    return build_stage(_stage_config(stage)).online_teacher_layout(latent_slots)

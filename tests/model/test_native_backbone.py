@@ -223,9 +223,12 @@ def fit(module, synth_dir, steps: int, ckpt_path=None, callbacks=(), batch_size:
     import lightning as L
 
     from mmlatent.training.datamodule import ShardDataModule, SplitConfig
+    from mmlatent.training.stages import data_layout, data_teacher_layout
 
+    slots = module.vlm_cfg.latent.slots
     data = ShardDataModule(train=SplitConfig(shards=str(synth_dir / "train")), val=SplitConfig(shards=""),
-                           batch_size=batch_size, num_workers=0, shuffle_buffer=0)
+                           batch_size=batch_size, num_workers=0, shuffle_buffer=0,
+                           layout=data_layout(module.stage_cfg, slots), teacher_layout=data_teacher_layout(module.stage_cfg, slots))
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
                         callbacks=list(callbacks))

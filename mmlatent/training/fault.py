@@ -12,8 +12,9 @@ as they were (the learning-rate schedule still advances: a skipped step is a ste
   of the ranks that produced it), or `stop` ends the run with an error naming them. After
   `max_consecutive_skips` skipped steps in a row the run stops anyway: a diverged run does not heal.
 - filler batches (a step whose samples were all unusable, see `data/pipeline.py`): the module weighs their
-  loss by zero; when every rank holds a filler the step is skipped (nothing to learn, and AdamW would
-  still move the weights on a zero gradient).
+  loss by zero; when every rank held a filler in every micro-batch of the optimiser step the step is
+  skipped (nothing to learn, and AdamW would still move the weights on a zero gradient). With gradient
+  accumulation, one filler micro-batch among real ones only contributes nothing; the step still runs.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ class StepGuard:
 
     def __init__(self, cfg: FaultConfig):
         self.cfg = cfg
-        self.skip_next = False
-        """Set by `check` (non-finite loss or fillers everywhere) until the optimiser step consumes it."""
         self._nonfinite_pending = False
+        """A micro-batch of the current optimiser step had a non-finite loss on some rank."""
+        self._checked = 0
+        """Micro-batches checked since the last optimiser step."""
+        self._with_data = 0
+        """... of which some rank held real data (not a filler)."""
         self.consecutive = 0
         self.skipped_steps = 0
         """Optimiser steps skipped for non-finite losses since the module was built."""
@@ -67,8 +71,8 @@ class StepGuard:
         if world > 1:
             torch.distributed.all_reduce(flags)  # sums: ranks with a non-finite loss, ranks with a filler
         bad_ranks, filler_ranks = (int(x) for x in flags.tolist())
-        if filler_ranks == world:
-            self.skip_next = True
+        self._checked += 1
+        self._with_data += filler_ranks < world
         if not bad_ranks:
             return
         mine = not bool(torch.isfinite(loss.detach()).all())
@@ -82,13 +86,15 @@ class StepGuard:
             raise FloatingPointError(f"non-finite loss at {where} on {bad_ranks} rank(s); batch keys: {named}. "
                                      f"Set model.fault.nonfinite_loss=skip to drop such steps instead.")
         log.warning("non-finite loss at %s; skipping the optimiser step; batch keys: %s", where, named)
-        self.skip_next = True
         self._nonfinite_pending = True
 
     def take(self, step: int) -> bool:
-        """Whether to skip the optimiser step now (resets the decision); stops after too many in a row."""
-        skip, nonfinite = self.skip_next, self._nonfinite_pending
-        self.skip_next = self._nonfinite_pending = False
+        """Whether to skip the optimiser step now (resets the decision for the next step); stops after too
+        many non-finite skips in a row."""
+        nonfinite = self._nonfinite_pending
+        only_fillers = self._checked > 0 and self._with_data == 0
+        skip = nonfinite or only_fillers
+        self._nonfinite_pending, self._checked, self._with_data = False, 0, 0
         if nonfinite:
             self.consecutive += 1
             self.skipped_steps += 1

@@ -89,6 +89,21 @@ def test_filler_on_every_rank_skips_without_counting():
     assert step(guard, FINITE, 2) is False
 
 
+def test_one_filler_among_accumulated_micro_batches_does_not_drop_the_step():
+    """With gradient accumulation the decision covers every micro-batch of the optimiser step: a filler next
+    to real data runs the step; only fillers in every micro-batch skip it; a NaN in any of them skips it."""
+    guard = StepGuard(FaultConfig())
+    for filler in (True, False, True):
+        guard.check(torch.tensor(0.0 if filler else 1.5), KEYS, filler, step=0, epoch=0, batch_idx=0)
+    assert guard.take(0) is False
+    for _ in range(3):
+        guard.check(torch.tensor(0.0), KEYS, True, step=1, epoch=0, batch_idx=0)
+    assert guard.take(1) is True and guard.skipped_steps == 0
+    guard.check(FINITE, KEYS, False, step=2, epoch=0, batch_idx=0)
+    guard.check(torch.tensor(float("nan")), KEYS, False, step=2, epoch=0, batch_idx=1)
+    assert guard.take(2) is True and guard.skipped_steps == 1
+
+
 def test_take_consumes_the_decision():
     """A skip applies to one optimiser step: asking again without a new bad batch does not skip."""
     guard = StepGuard(FaultConfig())

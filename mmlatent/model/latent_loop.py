@@ -90,11 +90,15 @@ def latent_forward(
     pixel_values: Tensor | None,
     output_hidden_states: bool = False,
     schedule: Literal["sequential", "jacobi"] | None = None,
+    prompt_end: Tensor | None = None,
 ) -> LatentForward:
     """Teacher-forced forward in which every `<|latent|>` slot is fed the model's own latent vector.
 
     input_ids (B, L) right-padded; attention_mask (B, L) padding mask or (B, 1, L, L) explicit mask;
-    position_ids (B, L); pixel_values (N_img, 3, H, W) for the image tokens.
+    position_ids (B, L); pixel_values (N_img, 3, H, W) for the image tokens. prompt_end (B,): the column
+    where each sample's prompt ends; the LQ-Former's thoughts then look only at the prompt's images, as
+    they must when generating, where no image follows the prompt (training passes it, so a stage-2 thought
+    cannot read the aux image it stands beside); None: every image before the slot.
     """
     schedule = schedule or model.cfg.latent.schedule
     embeds = model.embed_inputs(input_ids, pixel_values)  # (B, L, D)
@@ -102,7 +106,7 @@ def latent_forward(
     cols = latent_mask.any(0).nonzero().flatten().tolist()
     if cols and cols[0] == 0:
         raise ValueError("a latent slot at position 0 has no previous hidden state")
-    visual = model.visual_context(input_ids, embeds) if model.lq_former is not None else None
+    visual = model.visual_context(input_ids, embeds, prompt_end) if model.lq_former is not None else None
     if not cols:
         out = model.backbone.forward_lm(embeds, attention_mask, position_ids, output_hidden_states=output_hidden_states)
         empty = embeds.new_zeros(0, embeds.shape[-1])
@@ -200,12 +204,13 @@ def _jacobi(model, embeds, attention_mask, position_ids, latent_mask, cols, visu
 
 
 def reference_latent_forward(
-    model: LatentVLM, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, pixel_values: Tensor | None
+    model: LatentVLM, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, pixel_values: Tensor | None,
+    prompt_end: Tensor | None = None,
 ) -> LatentForward:
     """The same computation as the sequential loop by full recompute: every slot re-runs the whole prefix."""
     embeds = model.embed_inputs(input_ids, pixel_values)  # (B, L, D)
     latent_mask = input_ids == model.ids.latent
-    visual = model.visual_context(input_ids, embeds) if model.lq_former is not None else None
+    visual = model.visual_context(input_ids, embeds, prompt_end) if model.lq_former is not None else None
     x = embeds
     cols = latent_mask.any(0).nonzero().flatten().tolist()
     for c in cols:

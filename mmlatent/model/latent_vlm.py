@@ -119,9 +119,14 @@ class LatentVLM(nn.Module):
         visual = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)  # (N_img * T, D)
         return embeds.masked_scatter(slots.unsqueeze(-1), visual)
 
-    def visual_context(self, input_ids: Tensor, embeds: Tensor) -> VisualContext:
-        """Gather each sample's visual tokens from the LM inputs (they are the image-token embeddings)."""
+    def visual_context(self, input_ids: Tensor, embeds: Tensor, before: Tensor | None = None) -> VisualContext:
+        """Gather each sample's visual tokens from the LM inputs (they are the image-token embeddings).
+
+        before (B,): keep only the images placed before this position of each sample (its prompt), None: all.
+        """
         slots = input_ids == self.ids.image  # (B, L)
+        if before is not None:
+            slots = slots & (torch.arange(input_ids.shape[1], device=input_ids.device)[None] < before[:, None])
         counts = slots.sum(1)  # (B,)
         M = max(int(counts.max()), 1)
         B, L = input_ids.shape

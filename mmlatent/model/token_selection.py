@@ -30,6 +30,11 @@ class TokenSelectionConfig:
     """Visual tokens kept per thought (fewer when an image context has fewer tokens)."""
     dim: int = 64
     """Width of the relevance query (W_q h) and key (W_k v) projections."""
+    centre_keys: bool = False
+    """Compute keys from the visual tokens minus their mean over the visible tokens, scaled to unit RMS:
+    the relevance then reads what tells tokens apart (place, content), not what they share. Without it,
+    tokens that share a large common component (measured: spread across tokens 6% of their norm after
+    100 steps) give nearly equal scores and the selection stays uniform."""
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -53,12 +58,21 @@ class TokenSelector(nn.Module):
         0 on invisible tokens; a row with no visible token is all 0 (and has a zero, finite gradient).
         """
         q = self.query(h)  # (B, dim)
-        k = self.key(visual)  # (B, M, dim)
+        k = self.key(self._centred(visual, visual_mask) if self.cfg.centre_keys else visual)  # (B, M, dim)
         scores = torch.einsum("bd,bmd->bm", q, k) / math.sqrt(self.cfg.dim)  # (B, M)
         # a row with nothing visible softmaxes plain zeros instead of all -inf (which would be NaN)
         visible = visual_mask | ~visual_mask.any(-1, keepdim=True)  # (B, M)
         scores = scores.masked_fill(~visible, float("-inf"))
         return torch.softmax(scores.float(), dim=-1).to(visual.dtype) * visual_mask  # (B, M)
+
+    @staticmethod
+    def _centred(visual: Tensor, visual_mask: Tensor) -> Tensor:
+        """visual (B, M, D) minus its mean over the visible tokens, divided by their RMS distance from it."""
+        m = visual_mask[..., None].to(visual.dtype)  # (B, M, 1)
+        count = m.sum(1, keepdim=True).clamp_min(1)  # (B, 1, 1)
+        centred = (visual - (visual * m).sum(1, keepdim=True) / count) * m  # (B, M, D)
+        rms = (centred.pow(2).sum((1, 2), keepdim=True) / (count * visual.shape[-1])).sqrt()  # (B, 1, 1)
+        return centred / (rms + 1e-6)  # (B, M, D)
 
     def forward(self, h: Tensor, visual: Tensor, visual_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """h (B, D), visual (B, M, D), visual_mask (B, M) bool -> (selected, selected_mask, indices, relevance).

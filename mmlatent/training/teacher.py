@@ -66,7 +66,8 @@ def teacher_states(model: LatentVLM, view: Batch, kind: Positions) -> list[Tenso
     """The teacher's per-sample (num_layers, n_b, D) states at `kind` positions of its own view."""
     if (view.input_ids == model.ids.latent).any():  # a latent view (stage 2's): run the latent loop
         out = latent_forward(
-            model, view.input_ids, view.lm_attention_mask, view.position_ids, view.pixel_values, output_hidden_states=True
+            model, view.input_ids, view.lm_attention_mask, view.position_ids, view.pixel_values, output_hidden_states=True,
+            prompt_end=view.starts + view.prompt_lengths,
         )
     else:
         out = model(view.input_ids, view.lm_attention_mask, view.position_ids, view.pixel_values, output_hidden_states=True)

@@ -107,6 +107,49 @@ def test_closed_gate_returns_h_exactly():
     assert torch.all(t.gate == 0) and torch.equal(t.vector, h)
 
 
+def test_selected_base_is_the_top_token_plus_the_gated_output():
+    """`base: selected` hands the LM the most relevant visual token itself (closed gate: exactly that token),
+    and an open gate adds the LQ-Former output on top instead of replacing the token."""
+    m = lq(base="selected")
+    with torch.no_grad():
+        m.gate.bias.fill_(-1e4)
+    h, visual = torch.randn(4, D), torch.randn(4, 8, D)
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    mask[1, :5] = False
+    t = m(h, visual, mask)
+    top = visual[torch.arange(4), t.indices[:, 0]]  # (4, D)
+    assert torch.equal(t.vector, top)
+    assert torch.all(t.indices[1, :1] >= 5)  # the base token of row 1 is a visible one
+    with torch.no_grad():
+        m.gate.bias.fill_(0.0)
+    opened = m(h, visual, mask)
+    assert not torch.allclose(opened.vector, top)
+    m.cfg.base = "hidden"  # the same weights: g * out + (1 - g) * h with g = 0.5 gives out
+    out = (m(h, visual, mask).vector - 0.5 * h) / 0.5
+    torch.testing.assert_close(opened.gate, torch.full((4, 1), 0.5))
+    torch.testing.assert_close(opened.vector, top + 0.5 * out)
+
+
+def test_centred_keys_ignore_what_every_token_shares():
+    """With `centre_keys`, adding one vector to every visible token or scaling them all leaves the relevance
+    unchanged (raw keys change with both), and an invisible token does not move the centre."""
+    torch.manual_seed(0)
+    h, visual = torch.randn(3, D), torch.randn(3, 9, D)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[2, 6:] = False
+    shifted = visual * 3.0 + torch.randn(D) * 10
+    hidden_changed = visual.clone()
+    hidden_changed[2, 6:] += 100.0
+    for centre in (True, False):
+        torch.manual_seed(1)
+        sel = TokenSelector(TokenSelectionConfig(top_k=2, dim=16, centre_keys=centre), D)
+        r = sel.relevance(h, visual, mask)
+        same = torch.allclose(r, sel.relevance(h, shifted, mask), atol=1e-5)
+        assert same == centre, centre
+        torch.testing.assert_close(r, sel.relevance(h, hidden_changed, mask))
+        assert torch.all(r[2, 6:] == 0)
+
+
 def test_rows_are_independent():
     m = lq()
     h = torch.randn(4, D)

@@ -76,6 +76,33 @@ def test_latent_forward_honours_the_block_mask(tiny_model, synth_dir):
     assert (fast.logits - plain.logits)[real].abs().max() > 1e-3
 
 
+def test_stage2_thoughts_look_only_at_the_prompt_images(synth_dir):
+    """Given where the prompt ends, a thought's visual context is the question image alone, as when it is
+    generated (no image follows a prompt), not the aux image its block stands beside; the cached loop still
+    equals the full recompute."""
+    from mmlatent.model.latent_loop import reference_latent_forward
+    from mmlatent.model.latent_vlm import LatentVLM
+    from mmlatent.model.presets import preset
+
+    cfg = preset("tiny-demo")
+    cfg.vision.image_size = 64  # the fixture's images
+    torch.manual_seed(0)
+    model = LatentVLM(cfg).eval()
+    batch = batches(model, synth_dir, "stage2")[0]
+    T = model.tokens_per_image
+    end = batch.starts + batch.prompt_lengths
+    args = (model, batch.input_ids, batch.block_mask, batch.position_ids, batch.pixel_values)
+    with torch.no_grad():
+        everything = latent_forward(*args)
+        prompt = latent_forward(*args, prompt_end=end)
+        ref = reference_latent_forward(*args, prompt_end=end)
+    assert everything.relevance.shape[-1] > T  # without prompt_end the aux images are in the context too
+    assert prompt.relevance.shape[-1] == T and torch.all(prompt.selected < T)
+    real = batch.attention_mask.bool()
+    assert (prompt.logits - ref.logits)[real].abs().max() < 1e-4
+    assert (prompt.logits - everything.logits)[real].abs().max() > 1e-4
+
+
 def test_alignment_gradient_reaches_weights_only_through_latent_vectors(synth_dir):
     from mmlatent.model.latent_vlm import LatentVLM
     from mmlatent.model.presets import preset

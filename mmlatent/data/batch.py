@@ -48,6 +48,11 @@ class ProcessedSample:
     hidden_spans: Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
     """(n, 3) rows [image_start, image_end, visible_until): image tokens only the queries in
     [image_start, visible_until) may see (stage 2: an aux image is visible to its own latent block only)."""
+    anchors: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """(N_anc,) inline layout: the position of the token right before each aux image that has a region,
+    where stage 1's selection grounding asks where that image comes from."""
+    anchor_regions: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
+    """(N_anc, n_visual) the image tokens inside each anchor's region (as `aux_regions`)."""
     teacher: "ProcessedSample | None" = None
     """The same sample in the online teacher's layout (distillation stages), else None."""
     truncated: bool = False
@@ -90,6 +95,10 @@ class Batch:
     aux_regions: Tensor = field(default_factory=lambda: torch.zeros(0, 1, dtype=torch.bool))
     """(N_tgt, M) for each target, its sample's image tokens (in sequence order, M the most in a sample)
     inside the region the data says the aux image is about; all False without one."""
+    anchors: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))
+    """(N_anc, 2) (row, column) of each inline aux image's anchor token (see `ProcessedSample.anchors`)."""
+    anchor_regions: Tensor = field(default_factory=lambda: torch.zeros(0, 1, dtype=torch.bool))
+    """(N_anc, M) each anchor's region over its sample's image tokens, as `aux_regions`."""
     block_mask: Tensor | None = None
     """(B, 1, L, L) bool "may attend" mask when some image is hidden from later text (stage 2), else None
     (the padding mask and causality say everything)."""
@@ -105,6 +114,17 @@ class Batch:
     def lm_attention_mask(self) -> Tensor:
         """The mask to give the LM: the 4D block mask when there is one, else the (B, L) padding mask."""
         return self.block_mask if self.block_mask is not None else self.attention_mask
+
+
+def _stack_regions(regions: list[Tensor], M: int) -> Tensor:
+    """Per-sample (n_i, m_i) region masks -> (sum n_i, M), each row cut or padded (False) to M tokens."""
+    out = torch.zeros(sum(r.shape[0] for r in regions), M, dtype=torch.bool)
+    row = 0
+    for r in regions:
+        n, m = r.shape
+        out[row : row + n, : min(m, M)] = r[:, :M]
+        row += n
+    return out
 
 
 def collate(
@@ -142,12 +162,10 @@ def collate(
     blocks_before = torch.cat([torch.zeros(1, dtype=torch.long), blocks_before[:-1]])  # (B,)
     aux_blocks = torch.cat([s.aux_blocks + blocks_before[i] for i, s in enumerate(samples)])  # (N_tgt,)
     M = max(max(int((s.input_ids == image_id).sum()) for s in samples), 1) if image_id >= 0 else 1
-    aux_regions = torch.zeros(len(aux_blocks), M, dtype=torch.bool)  # (N_tgt, M)
-    row = 0
-    for s in samples:
-        n, m = s.aux_regions.shape
-        aux_regions[row : row + n, : min(m, M)] = s.aux_regions[:, :M]
-        row += n
+    aux_regions = _stack_regions([s.aux_regions for s in samples], M)  # (N_tgt, M)
+    anchors = torch.cat([torch.stack([torch.full_like(s.anchors, i), s.anchors + a], -1)
+                         for i, (s, a) in enumerate(zip(samples, lefts))])  # (N_anc, 2) in batch columns
+    anchor_regions = _stack_regions([s.anchor_regions for s in samples], M)  # (N_anc, M)
     spans = [s.hidden_spans + a for s, a in zip(samples, lefts)]  # in batch columns
     block_mask = block_attention_mask(attention, spans) if any(x.numel() for x in spans) else None
     teachers = [s.teacher for s in samples]
@@ -169,6 +187,8 @@ def collate(
         aux_pixel_values=aux_pixels,
         aux_blocks=aux_blocks,
         aux_regions=aux_regions,
+        anchors=anchors,
+        anchor_regions=anchor_regions,
         block_mask=block_mask,
         teacher=teacher,
     )

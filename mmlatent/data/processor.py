@@ -140,7 +140,8 @@ class Processor:
         digest = hashlib.sha256(f"{key}/{getattr(self, 'epoch', 0)}".encode()).digest()
         return int.from_bytes(digest[:8], "little") / 2**64 < lay.aux_dropout
 
-    def _assistant(self, lay: SequenceLayout, meta: dict, content: list[dict], key: str, emit, emit_image, add_target, hide) -> None:
+    def _assistant(self, lay: SequenceLayout, meta: dict, content: list[dict], key: str, emit, emit_image, add_target, hide,
+                   add_anchor) -> None:
         """Emit an assistant turn's content in the layout's form."""
         if lay.reasoning == "answer_only":
             emit(self.encode_text(lay.answer_template.format(answer=meta["answer"])), True)
@@ -162,6 +163,7 @@ class Processor:
                 emit_image(item["ref"])
             elif lay.aux_images == "inline":
                 if not drop_aux:
+                    add_anchor(item["ref"])
                     emit_image(item["ref"])
             elif lay.aux_images == "image_then_latent":
                 start = emit_image(item["ref"])
@@ -187,6 +189,7 @@ class Processor:
         targets: list[tuple[int, torch.Tensor, str]] = []  # (block index within the sample, aux image, its ref)
         image_slots: dict[str, int] = {}  # ref -> index of its first token among the sample's image tokens
         spans: list[tuple[int, int, int]] = []  # (image start, image end, visible until): stage-2 mask
+        anchors: list[tuple[int, str]] = []  # (position of the token before an inline aux image, its ref)
         prompt_length = None
 
         def emit(tokens: list[int], label: bool) -> None:
@@ -202,6 +205,10 @@ class Processor:
         def add_target(ref: str) -> None:  # the block about to be emitted stands for this image
             targets.append((ids.count(self.ids.latent_start), self.transform(images[ref]), ref))
 
+        def add_anchor(ref: str) -> None:  # the inline image about to be emitted: ask from the token before it
+            if ref in (meta.get("regions") or {}):
+                anchors.append((len(ids) - 1, ref))
+
         def hide(image_start: int, visible_tokens_after: int) -> None:  # called before the block is emitted
             end = image_start + self.tokens_per_image
             spans.append((image_start, end, len(ids) + visible_tokens_after))
@@ -212,7 +219,7 @@ class Processor:
             if role == "assistant":
                 if prompt_length is None:
                     prompt_length = len(ids)
-                self._assistant(lay, meta, msg["content"], key, emit, emit_image, add_target, hide)
+                self._assistant(lay, meta, msg["content"], key, emit, emit_image, add_target, hide, add_anchor)
             else:
                 for item in msg["content"]:
                     if item["type"] == "text":
@@ -224,7 +231,12 @@ class Processor:
         if prompt_length is None:
             raise SampleError("no_assistant_turn", "the sample has no assistant turn to learn", key)
         regions = self._regions(meta.get("regions") or {}, [ref for _, _, ref in targets], image_slots, len(pixels))
-        return self._finish(lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length, regions)
+        sample = self._finish(lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length, regions)
+        anchor_regions = self._regions(meta.get("regions") or {}, [ref for _, ref in anchors], image_slots, len(pixels))
+        kept = [i for i, (pos, _) in enumerate(anchors) if pos + 1 < len(sample.input_ids)]  # truncation keeps its image
+        sample.anchors = torch.tensor([anchors[i][0] for i in kept], dtype=torch.long)
+        sample.anchor_regions = anchor_regions[kept][:, : sample.pixel_values.shape[0] * self.tokens_per_image]
+        return sample
 
     def _regions(self, regions: dict, refs: list[str], image_slots: dict[str, int], n_images: int) -> torch.Tensor:
         """(N_tgt, n_images · T) bool: for each latent target, the image tokens inside its `regions` box (none

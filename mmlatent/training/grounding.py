@@ -44,7 +44,8 @@ class GroundingConfig:
     """Symmetric InfoNCE (CoCoVa); needs `model.vlm.latent.contrastive: true`."""
     selection_weight: float = 0.0
     """Selection: a block's thoughts look where the sample's `regions` say its aux image is about
-    (`losses/selection.py`); needs thought mode (`model.vlm.latent.mode: thought`)."""
+    (`losses/selection.py`); needs thought mode (`model.vlm.latent.mode: thought`). In stage 1, whose aux
+    images are inline, the selector is asked from the token before each aux image (`anchor_relevance`)."""
 
     def check(self, model: LatentVLM) -> None:
         """Fail at start, naming the field, when a loss is on but the model lacks its module."""
@@ -58,6 +59,18 @@ class GroundingConfig:
     @property
     def any(self) -> bool:
         return self.sketch_weight > 0 or self.diffusion_weight > 0 or self.contrastive_weight > 0 or self.selection_weight > 0
+
+
+def anchor_relevance(model: LatentVLM, batch: Batch, embeds: Tensor, last_hidden: Tensor) -> Tensor:
+    """(N_anc, M) where the LQ-Former's selector, asked from each inline aux image's anchor token (the token
+    before it, `batch.anchors`), looks among the prompt's images: stage 1's selection grounding, which
+    trains the hidden state a later latent block starts from to say where its image comes from.
+
+    embeds (B, L, D) the LM inputs; last_hidden (B, L, D) the LM's final hidden states."""
+    visual = model.visual_context(batch.input_ids, embeds, batch.starts + batch.prompt_lengths)
+    rows, cols = batch.anchors.unbind(-1)  # (N_anc,), (N_anc,)
+    tokens, mask = visual.visible(rows, cols + 1)  # (N_anc, M, D), (N_anc, M)
+    return model.lq_former.selector.relevance(last_hidden[rows, cols], tokens, mask)
 
 
 def block_vectors(input_ids: Tensor, latent_mask: Tensor, latent_vectors: Tensor, latent_start: int, blocks: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ whatever a stage returns, logs each term and computes its metrics from the same 
 never touches the training loop. `STAGES` maps `stage.name` to the class.
 
 - `stage1` (`Stage1`, warm-up SFT, the teacher): the full interleaved chain of thought with auxiliary images inline;
-  cross-entropy on assistant tokens, observation tokens ×2.
+  cross-entropy on assistant tokens, observation tokens ×2; optionally selection grounding before each aux image.
 - `stage2` (`Stage2`, latent distillation): after each aux image comes a latent block, and a 4D mask hides the image
   from everything after the block. CE (observation ×4) + alignment of the student's hidden states at
   observation tokens with the stage-1 teacher's, whose gradient reaches the weights only through the
@@ -31,10 +31,11 @@ from mmlatent.data.batch import Batch
 from mmlatent.data.processor import SequenceLayout
 from mmlatent.losses.alignment import cosine_alignment
 from mmlatent.losses.cross_entropy import weighted_cross_entropy
+from mmlatent.losses.selection import selection_loss
 from mmlatent.model.backbone import LMOutput
 from mmlatent.model.latent_loop import LatentForward, latent_forward
 from mmlatent.model.latent_vlm import LatentVLM
-from mmlatent.training.grounding import GroundingConfig, grounding_losses
+from mmlatent.training.grounding import GroundingConfig, anchor_relevance, grounding_losses
 from mmlatent.training.teacher import Positions, TeacherCache, TeacherConfig, gather_states, target_positions, teacher_states
 
 StageName = Literal["stage1", "stage2", "stage3", "direct"]
@@ -57,7 +58,8 @@ class StageConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Stages 2 and 3: the teacher's hidden states, from a checkpoint run online or a precomputed cache."""
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
-    """Stages 2 and 3: sketch, diffusion and contrastive losses on latent blocks."""
+    """Stages 2 and 3: sketch, diffusion, contrastive and selection losses on latent blocks. Stage 1:
+    selection only, asked before each inline aux image."""
     reasoning: Literal["full", "latent_only"] = "full"
     """Stage 3: `full` keeps the text of the chain of thought between latent blocks (Monet); `latent_only`
     keeps only the blocks and the conclusion, so generation emits far fewer positions than a text chain."""
@@ -110,6 +112,14 @@ class Stage:
         return self
 
 
+@dataclass
+class AnchoredOutput(LMOutput):
+    """Stage 1's forward with selection grounding: the LM output and the selector's maps at the anchors."""
+
+    relevance: Tensor | None = None
+    """(N_anc, M) the selector's relevance over the prompt's image tokens at each anchor."""
+
+
 class Stage1(Stage):
     """Warm-up SFT (the teacher): the full interleaved chain of thought, aux images inline, observation ×2."""
 
@@ -123,10 +133,22 @@ class Stage1(Stage):
         )
 
     def forward(self, model: LatentVLM, batch: Batch) -> LMOutput:
-        return model(batch.input_ids, batch.lm_attention_mask, batch.position_ids, batch.pixel_values)
+        grounds = self.cfg.grounding.selection_weight > 0 and model.lq_former is not None and batch.anchors.numel() > 0
+        if not grounds:
+            return model(batch.input_ids, batch.lm_attention_mask, batch.position_ids, batch.pixel_values)
+        embeds = model.embed_inputs(batch.input_ids, batch.pixel_values)  # (B, L, D): what model(...) computes
+        out = model.backbone.forward_lm(embeds, batch.lm_attention_mask, batch.position_ids)
+        return AnchoredOutput(**vars(out), relevance=anchor_relevance(model, batch, embeds, out.last_hidden))
 
     def losses(self, model: LatentVLM, batch: Batch, out: LMOutput) -> dict[str, Tensor]:
-        return {"ce_loss": weighted_cross_entropy(out.logits, batch.labels, batch.loss_weights)}
+        losses = {"ce_loss": weighted_cross_entropy(out.logits, batch.labels, batch.loss_weights)}
+        if isinstance(out, AnchoredOutput):
+            n, M = out.relevance.shape
+            valid = torch.ones(n, 1, dtype=torch.bool, device=out.relevance.device)
+            region = batch.anchor_regions[:, :M]  # (N_anc, M): the prompt's images come first
+            losses["selection_loss"] = self.cfg.grounding.selection_weight * selection_loss(out.relevance[:, None], valid, region)
+        return losses
+
 
 
 class Direct(Stage1):

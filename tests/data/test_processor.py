@@ -182,3 +182,25 @@ def test_regions_become_token_masks_per_target_and_collate_pads_them(tok):
     batch = proc.collate([proc(s), proc(plain)])
     assert batch.aux_regions.shape == (3, 4) and batch.aux_regions[2].sum() == 0
     assert batch.aux_regions[1].tolist() == [False, False, False, True]
+
+
+def test_inline_aux_images_with_regions_get_anchors_at_the_token_before_them(tok):
+    """Stage 1 (inline): each aux image with a region gets an anchor, the position of the token right before
+    its image tokens, and that region as a mask; collate moves anchors into batch columns (left padding)."""
+    s = aux_sample(2)
+    s["meta"]["regions"] = {"aux1": {"image": "img0", "box": [0.5, 0.5, 1.0, 1.0]}}  # aux0 has none
+    proc = Processor(tok, colour_mean, T, SequenceLayout(aux_images="inline"), token_grid=(2, 2))
+    out = proc(s)
+    image = (out.input_ids == proc.ids.image).nonzero().flatten().tolist()
+    aux1_start = image[2 * T]  # question image, aux0, then aux1
+    assert out.anchors.tolist() == [aux1_start - 1] and out.input_ids[aux1_start - 1] != proc.ids.image
+    assert out.anchor_regions.shape == (1, 3 * T)
+    assert out.anchor_regions[0].tolist() == [False, False, False, True] + [False] * 8
+    short = sample()
+    short["meta"]["messages"][0]["content"][1]["text"] = "Which colour is it, in this longer question?"
+    batch = proc.collate([proc(sample()), out, proc(short)])
+    assert batch.anchors.tolist() == [[1, int(batch.starts[1]) + aux1_start - 1]]
+    assert batch.input_ids[1, batch.anchors[0, 1] + 1] == proc.ids.image
+    assert batch.anchor_regions.shape == (1, 3 * T) and batch.anchor_regions[0, 3]
+    for layout in (SequenceLayout(aux_images="latent"), SequenceLayout(aux_images="inline", reasoning="answer_only")):
+        assert Processor(tok, colour_mean, T, layout, token_grid=(2, 2))(s).anchors.numel() == 0

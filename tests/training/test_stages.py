@@ -233,3 +233,35 @@ def test_stage_hand_off_loads_weights_and_freezes_modules(tmp_path):
     wide.lm.random_init.hidden_size = 64
     with pytest.raises(ValueError, match="init_from .* has shape"):
         LatentVLMModule(vlm=wide, init_from=str(ckpt))
+
+
+def test_stage1_selection_grounding_asks_before_each_aux_image(synth_dir):
+    """With `grounding.selection_weight`, stage 1 asks the selector from the hidden state before each inline
+    aux image where it comes from: a selection loss that is the mean -log(mass in the region), whose gradient
+    reaches the selector and the LM; the logits are those of the plain forward; off by default."""
+    from mmlatent.model.latent_vlm import LatentVLM
+    from mmlatent.model.presets import preset
+    from mmlatent.training.grounding import GroundingConfig
+    from mmlatent.training.stages import AnchoredOutput
+
+    cfg = preset("tiny-demo")
+    cfg.vision.image_size = 64
+    torch.manual_seed(0)
+    model = LatentVLM(cfg)
+    batch = batches(model, synth_dir, "stage1")[0]
+    assert batch.anchors.shape[0] >= len(batch) and batch.anchor_regions.any(-1).all()
+    stage = build_stage(StageConfig(name="stage1", grounding=GroundingConfig(selection_weight=0.5)))
+    out = stage.forward(model, batch)
+    assert isinstance(out, AnchoredOutput) and out.relevance.shape == (batch.anchors.shape[0], model.tokens_per_image)
+    with torch.no_grad():
+        plain = build_stage(StageConfig(name="stage1")).forward(model, batch)
+    assert not isinstance(plain, AnchoredOutput)
+    torch.testing.assert_close(out.logits, plain.logits)
+    losses = stage.losses(model, batch, out)
+    region = batch.anchor_regions[:, : model.tokens_per_image]
+    want = 0.5 * -torch.log((out.relevance * region).sum(-1)).mean()
+    torch.testing.assert_close(losses["selection_loss"], want)
+    losses["selection_loss"].backward()
+    for module in (model.lq_former.selector.query, model.lq_former.selector.key):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.lm.parameters())

@@ -54,7 +54,7 @@ class DemoConfig:
         task_mix=TaskMix(chase=0.0, walk=1.0), hops=(1, 2), moves="colours", option_order="palette",
     ))
     """The task: colour-move walks from a named cell on a 3x3 grid (see `mmlatent.data.synthetic`)."""
-    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 400, "stage2": 100, "stage3": 200})
+    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 400, "stage2": 100, "stage3": 450})
     """Optimiser steps of stages 1-3; the direct baseline gets their sum."""
     batch_size: int = 32
     """Samples per step in every stage."""
@@ -69,8 +69,8 @@ class DemoConfig:
 
     @property
     def train(self) -> int:
-        """Distinct training samples: enough that stage 1 never repeats one."""
-        return self.steps["stage1"] * self.batch_size
+        """Distinct training samples: enough that no stage repeats one."""
+        return max(self.steps[s] for s in ("stage1", "stage2", "stage3")) * self.batch_size
 
 
 def stage_config(name: str, out: Path, data: Path, demo: DemoConfig) -> Path:

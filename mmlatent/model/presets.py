@@ -75,6 +75,7 @@ def tiny_demo() -> ModelConfig:
     cfg.latent.lq_former.layers = 1
     cfg.latent.lq_former.selection.top_k = 4
     cfg.latent.lq_former.selection.centre_keys = True  # measured: the selection learns (see token_selection.py)
+    cfg.latent.lq_former.selection.scale = 10.0  # bounded relevance: a learned selection stays stable
     cfg.latent.lq_former.base = "selected"  # a thought hands the LM the cell it selected (see lq_former.py)
     cfg.vision.sincos_pos_embed = 3.0  # cells told apart by place from the start
     return cfg

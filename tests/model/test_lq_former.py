@@ -150,6 +150,22 @@ def test_centred_keys_ignore_what_every_token_shares():
         assert torch.all(r[2, 6:] == 0)
 
 
+def test_scaled_scores_are_a_bounded_cosine():
+    """With `scale`, the relevance is softmax(scale · cos(q, k)): scaling h or the tokens changes nothing, and
+    no token gets more than exp(2 · scale) times another's relevance, however large q and k grow."""
+    torch.manual_seed(0)
+    sel = TokenSelector(TokenSelectionConfig(top_k=2, dim=16, scale=4.0), D)
+    h, visual = torch.randn(3, D), torch.randn(3, 9, D)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    r = sel.relevance(h, visual, mask)
+    torch.testing.assert_close(r, sel.relevance(100 * h, 100 * visual, mask))
+    q, k = F.normalize(sel.query(h), dim=-1), F.normalize(sel.key(visual), dim=-1)
+    torch.testing.assert_close(r, torch.softmax(4.0 * torch.einsum("bd,bmd->bm", q, k), -1))
+    assert float(r.detach().max(-1).values.div(r.detach().min(-1).values).max()) <= math.exp(8.0) + 1e-3
+    with pytest.raises(ValueError, match=r"selection\.scale=0\.0 must be > 0"):
+        TokenSelectionConfig(scale=0.0)
+
+
 def test_rows_are_independent():
     m = lq()
     h = torch.randn(4, D)

@@ -6,7 +6,9 @@ MLP. The h-query's output is projected back to the LM width and mixed with h by 
 g = sigmoid(W [h; out] + b): a fresh LQ-Former (b = `gate_init`, W = 0) starts close to sketch mode and
 learns how much of the image to let in. The learnable queries are a small working memory the h-query
 reads from; taking the h-query's output (rather than pooling all queries) keeps the thought tied to where
-the reasoning is, and makes the module a function of h that the gate can compare with h.
+the reasoning is, and makes the module a function of h that the gate can compare with h. With
+`base: selected` the thought is instead the most relevant visual token itself plus g * out, so the LM is
+handed the image patch the thought chose, in the form it reads in the image, and the gate cannot shut it out.
 
 The visual context is the top-k tokens from `TokenSelector` plus one summary token, the
 relevance-weighted mean of all visible tokens. The trade-off: top-k alone gives a sharp, interpretable
@@ -24,6 +26,7 @@ all slots at once). A row with no visible token gets a zero cross-attention upda
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +51,7 @@ class LQFormerConfig:
     """Top-k visual token selection."""
     gate_init: float = -2.0
     """Initial bias of the mixing gate: sigmoid(-2) ≈ 0.12, so thoughts start close to the base."""
-    base: str = "hidden"
+    base: Literal["hidden", "selected"] = "hidden"
     """What a thought is built on. `hidden`: the LM's hidden state h, mixed with the LQ-Former output by
     the gate (CoCoVa: g * out + (1 - g) * h). `selected`: the most relevant visual token itself, which is
     in the LM's input space, plus g * out: the LM gets the selected token as it reads it in the image, and
@@ -158,8 +161,9 @@ class LQFormer(nn.Module):
     def _top_token(visual: Tensor, indices: Tensor) -> Tensor:
         """visual (n, M, D), indices (n, k) -> (n, D) the most relevant token as it is (zero where none).
 
-        Without the selector's straight-through factor: through it the LM loss could shrink the token by
-        flattening the relevance, and measured, it did (the selection went uniform within 50 steps)."""
+        Without the selector's straight-through factor, so the LM loss cannot rescale the token it is
+        handed by reshaping the relevance; the selection learns through the LQ-Former's context and the
+        selection loss."""
         top = indices[:, 0]  # (n,)
         token = visual[torch.arange(len(top), device=visual.device), top.clamp_min(0)]  # (n, D)
         return torch.where((top >= 0)[:, None], token, 0.0)

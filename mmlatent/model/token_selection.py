@@ -34,8 +34,8 @@ class TokenSelectionConfig:
     scale: float | None = None
     """None: scores are q·k / sqrt(dim), unbounded. A number: the cosine of q and k times this, so the
     relevance can be sharp (a margin of `scale` per unit of cosine) but not arbitrarily confident
-    (measured with unbounded scores: a selection loss of 1e-4 jumped to 7.4 within 30 steps when the
-    hidden states moved, and took the LM's other learning with it)."""
+    (measured with unbounded scores and stage-1 selection grounding: a selection loss of 1e-4 jumped to
+    7.4 within 30 steps; with `scale: 10` it stayed below 0.01)."""
     centre_keys: bool = False
     """Compute keys from the visual tokens minus their mean over the visible tokens, scaled to unit RMS:
     the relevance then reads what tells tokens apart (place, content), not what they share. Without it,

@@ -54,7 +54,7 @@ def to_image(pixels: Tensor) -> np.ndarray:
 def visualize_sample(model: LatentVLM, batch: Batch, out_path: str | Path, row: int = 0, seed: int = 0) -> Path:
     """Write the PNG for sample `row` of a latent-layout batch (first block of that sample)."""
     fwd = latent_forward(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.pixel_values,
-                         prompt_end=batch.starts + batch.prompt_lengths)
+                         prompt_end=batch.prompt_end)
     ids = batch.input_ids[row]
     starts = (ids == model.ids.latent_start).nonzero().flatten()
     if starts.numel() == 0:

@@ -111,6 +111,11 @@ class Batch:
         return len(self.keys)
 
     @property
+    def prompt_end(self) -> Tensor:
+        """(B,) the column where each row's prompt ends (its first assistant token)."""
+        return self.starts + self.prompt_lengths
+
+    @property
     def lm_attention_mask(self) -> Tensor:
         """The mask to give the LM: the 4D block mask when there is one, else the (B, L) padding mask."""
         return self.block_mask if self.block_mask is not None else self.attention_mask

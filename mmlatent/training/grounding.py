@@ -67,7 +67,7 @@ def anchor_relevance(model: LatentVLM, batch: Batch, embeds: Tensor, last_hidden
     trains the hidden state a later latent block starts from to say where its image comes from.
 
     embeds (B, L, D) the LM inputs; last_hidden (B, L, D) the LM's final hidden states."""
-    visual = model.visual_context(batch.input_ids, embeds, batch.starts + batch.prompt_lengths)
+    visual = model.visual_context(batch.input_ids, embeds, batch.prompt_end)
     rows, cols = batch.anchors.unbind(-1)  # (N_anc,), (N_anc,)
     tokens, mask = visual.visible(rows, cols + 1)  # (N_anc, M, D), (N_anc, M)
     return model.lq_former.selector.relevance(last_hidden[rows, cols], tokens, mask)

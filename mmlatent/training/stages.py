@@ -275,7 +275,7 @@ class _Distillation(Stage):
     def forward(self, model: LatentVLM, batch: Batch) -> LatentForward:
         return latent_forward(
             model, batch.input_ids, batch.lm_attention_mask, batch.position_ids, batch.pixel_values,
-            output_hidden_states=self.align_weight > 0 and self.positions == "latent", prompt_end=batch.starts + batch.prompt_lengths,
+            output_hidden_states=self.align_weight > 0 and self.positions == "latent", prompt_end=batch.prompt_end,
         )
 
     def alignment(self, model: LatentVLM, batch: Batch, fwd: LatentForward, positions: Tensor, teacher: list[Tensor]) -> Tensor:

@@ -67,7 +67,7 @@ def teacher_states(model: LatentVLM, view: Batch, kind: Positions) -> list[Tenso
     if (view.input_ids == model.ids.latent).any():  # a latent view (stage 2's): run the latent loop
         out = latent_forward(
             model, view.input_ids, view.lm_attention_mask, view.position_ids, view.pixel_values, output_hidden_states=True,
-            prompt_end=view.starts + view.prompt_lengths,
+            prompt_end=view.prompt_end,
         )
     else:
         out = model(view.input_ids, view.lm_attention_mask, view.position_ids, view.pixel_values, output_hidden_states=True)

@@ -70,7 +70,7 @@ class MMLatentCLI(LightningCLI):
         super().__init__(
             LatentVLMModule,
             ShardDataModule,
-            args=with_preset(args),
+            args=with_preset(args, subcommand=run),
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "mmlatent"},
@@ -127,10 +127,11 @@ def _dotted(data: dict, key: str):
     return data
 
 
-def with_preset(args: list[str]) -> list[str]:
+def with_preset(args: list[str], subcommand: bool = True) -> list[str]:
     """`args` with the named model preset's fields put first, so everything the user gave overrides them.
 
-    The preset is the last `model.vlm.preset` among the config files and `--model.vlm.preset` options."""
+    The preset is the last `model.vlm.preset` among the config files and `--model.vlm.preset` options.
+    `subcommand`: whether `args` start with one (`fit ...`; a CLI built with `run=False` has none)."""
     name = None
     for i, arg in enumerate(args):
         if arg.startswith("--model.vlm.preset="):
@@ -140,13 +141,13 @@ def with_preset(args: list[str]) -> list[str]:
         elif arg in ("-c", "--config") or arg.startswith("--config="):
             found = [_dotted(data, "model.vlm.preset") for _, data in config_sources(args[i : i + 2])]
             name = next((f for f in found if f), name)
-    if not name or not args or args[0] not in LIGHTNING_COMMANDS:
+    if not name or (subcommand and (not args or args[0] not in LIGHTNING_COMMANDS)):
         return args
     from mmlatent.config_io import to_dict
     from mmlatent.model.presets import preset
 
-    base = {"model": {"vlm": to_dict(preset(name))}}
-    return [args[0], "--config", yaml.safe_dump(base), *args[1:]]
+    base = ["--config", yaml.safe_dump({"model": {"vlm": to_dict(preset(name))}})]
+    return [args[0], *base, *args[1:]] if subcommand else [*base, *args]
 
 
 def explain(message: str, args: list[str], valid_keys: list[str], subcommand: str | None) -> str:

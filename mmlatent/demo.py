@@ -54,7 +54,7 @@ class DemoConfig:
         task_mix=TaskMix(chase=0.0, walk=1.0), hops=(1, 2), moves="colours", option_order="palette",
     ))
     """The task: colour-move walks from a named cell on a 3x3 grid (see `mmlatent.data.synthetic`)."""
-    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 400, "stage2": 100, "stage3": 200})
+    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 400, "stage2": 100, "stage3": 450})
     """Optimiser steps of stages 1-3; the direct baseline gets their sum."""
     batch_size: int = 32
     """Samples per step in every stage."""
@@ -93,7 +93,8 @@ def stage_config(name: str, out: Path, data: Path, demo: DemoConfig) -> Path:
     if previous:
         ckpt = str(checkpoint(out, previous))
         model["init_from"] = ckpt
-        model["stage"]["teacher"] = {"checkpoint": ckpt, "cache": None}
+        if "teacher" in model["stage"]:  # a stage that aligns to its predecessor
+            model["stage"]["teacher"] = {"checkpoint": ckpt, "cache": None}
     cfg["seed_everything"] = demo.seed
     cfg["data"].update(batch_size=demo.batch_size, seed=demo.seed)
     cfg["data"]["train"]["shards"] = str(data / "train")

@@ -74,6 +74,9 @@ def test_stage1_fit_overfits_a_small_fixed_set(tmp_path, monkeypatch):
         "--data.batch_size=8", "--data.num_workers=1", "--data.shuffle_buffer=0",
         "--trainer.max_epochs=15", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         "--model.optim.warmup_steps=5", "--model.optim.lr=0.003",
+        # the plain SFT path; the recipe's selection grounding has its own tests (tests/training), and at this
+        # learning rate it slows a 60-step overfit (measured: CE 5.9 -> 2.0 with it, -> 0.38 without)
+        "--model.stage.grounding.selection_weight=0",
     ])
     rows = list(csv.DictReader(open(tmp_path / "runs/tiny/stage1/logs/version_0/metrics.csv")))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
@@ -123,10 +126,12 @@ def test_three_stages_hand_off_through_the_cli(tmp_path, monkeypatch):
     main(["fit", "-c", str(configs / "stage2.yaml"), *common])
     main(["teacher", "--stage", "stage3", "--checkpoint", "runs/tiny/stage2/checkpoints/last.ckpt",
           "--shards", "synth/train", "synth/val", "--out", "runs/tiny/stage3/teacher", "--dtype", "float32"])
-    main(["fit", "-c", str(configs / "stage3.yaml"), *common,
-          "--model.stage.teacher.checkpoint=null", "--model.stage.teacher.cache=runs/tiny/stage3/teacher"])
-    for stage, terms in (("stage1", ["ce_loss"]), ("stage2", ["ce_loss", "align_loss", "sketch_loss"]),
-                         ("stage3", ["ce_loss", "align_loss", "sketch_loss"])):
+    # the demo's stage-3 recipe aligns to nothing (align_weight 0): turn alignment and sketches on to read the cache
+    main(["fit", "-c", str(configs / "stage3.yaml"), *common, "--model.stage.align_weight=2.0",
+          "--model.stage.grounding.sketch_weight=0.1", "--model.stage.teacher.cache=runs/tiny/stage3/teacher"])
+    for stage, terms in (("stage1", ["ce_loss", "selection_loss"]),
+                         ("stage2", ["ce_loss", "align_loss", "sketch_loss", "selection_loss"]),
+                         ("stage3", ["ce_loss", "align_loss", "sketch_loss", "selection_loss"])):
         rows = list(csv.DictReader(open(tmp_path / f"runs/tiny/{stage}/logs/version_0/metrics.csv")))
         for term in terms:
             values = [float(r[f"train/{term}"]) for r in rows if r.get(f"train/{term}")]
@@ -145,6 +150,7 @@ def test_data_layout_follows_the_model_stage(stage):
                        "--model.stage.observation_weight=5.0", "--model.init_from=null"], run=False)
     stage_cfg = cli.model.stage_cfg
     assert stage_cfg.name == stage and cli.model.vlm_cfg.latent.slots == 3
+    assert cli.model.vlm_cfg.latent.mode == "thought"  # the recipe's preset (tiny-demo) also without a subcommand
     assert cli.datamodule.layout == data_layout(stage_cfg, 3) == cli.model.data_layouts()[0]
     assert cli.datamodule.layout.observation_weight == 5.0
     assert cli.datamodule.teacher_layout == data_teacher_layout(stage_cfg, 3) == cli.model.data_layouts()[1]

@@ -65,7 +65,8 @@ def tiny() -> ModelConfig:
 @register("tiny-demo")
 def tiny_demo() -> ModelConfig:
     """The demo's model: `tiny` at 48 px (a 3x3 grid of 16-px cells, one ViT patch per cell) thinking in
-    LQ-Former thoughts that select the 4 most relevant of the 9 visual tokens; about 1.4 M parameters."""
+    LQ-Former thoughts built on the most relevant of the 9 visual tokens (the LQ-Former reads the top 4);
+    about 1.4 M parameters."""
     cfg = tiny()
     cfg.vision.image_size = 48
     cfg.latent.mode = "thought"
@@ -73,6 +74,9 @@ def tiny_demo() -> ModelConfig:
     cfg.latent.lq_former.num_queries = 4
     cfg.latent.lq_former.layers = 1
     cfg.latent.lq_former.selection.top_k = 4
+    cfg.latent.lq_former.selection.centre_keys = True  # measured: the selection learns (see token_selection.py)
+    cfg.latent.lq_former.base = "selected"  # a thought hands the LM the cell it selected (see lq_former.py)
+    cfg.vision.sincos_pos_embed = 3.0  # cells told apart by place from the start
     return cfg
 
 

@@ -6,7 +6,8 @@ the prefix is encoded once. Each sample is in text mode or inside a latent block
 `<|latent_start|>`, its next inputs are latent vectors made from its own last hidden state (sketch head
 or LQ-Former), while the other samples keep decoding tokens in the same forward (`torch.where`-style
 row selection). A block ends when the model's most likely next token is `<|latent_end|>` or after the step
-budget (2 × slots by default); then `<|latent_end|>` is fed and text resumes.
+budget (2 × slots by default), or after exactly `slots` steps with `latent.block_end: slots`; then
+`<|latent_end|>` is fed and text resumes.
 
 Test-time scaling (`trajectories > 1`): each prompt runs M times in the same batch with Gaussian noise or
 dropout on its latent vectors, and the answers are decided by majority vote.
@@ -204,6 +205,7 @@ def _decode(
     new: list[list[int]] = [[] for _ in range(B)]
     records: list[list[LatentRecord]] = [[] for _ in range(B)]
     budget = model.cfg.latent.budget
+    model_ends_blocks = model.cfg.latent.block_end == "model"
     last_pos = pos[:, -1]  # (B,)
     for _ in range(cfg.max_new_tokens):
         logits[:, ids_.latent] = float("-inf")  # slots are fed by the loop inside a block, never chosen as text
@@ -211,8 +213,9 @@ def _decode(
         if not cfg.latent:
             logits[:, ids_.latent_start] = float("-inf")
         tok = next_token(logits, cfg, gen)  # (B,)
-        # a block holds at least one slot; it ends when the model prefers <|latent_end|> or at the budget
-        wants_end = (logits.argmax(-1) == ids_.latent_end) & (count >= 1)
+        # a block holds at least one slot; it ends when the model prefers <|latent_end|> (block_end: model)
+        # or at the budget (block_end: slots: always there)
+        wants_end = (logits.argmax(-1) == ids_.latent_end) & (count >= 1) & model_ends_blocks
         end_block = in_latent & (wants_end | (count >= budget))
         feed_latent = in_latent & ~end_block & ~done
         tok = torch.where(end_block, torch.full_like(tok, ids_.latent_end), tok)

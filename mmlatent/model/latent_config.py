@@ -27,6 +27,11 @@ class LatentConfig:
     """Slots N per latent block in training data."""
     step_budget: int | None = None
     """Most latent steps per block when generating; None: 2 × `slots`."""
+    block_end: Literal["model", "slots"] = "model"
+    """How a generated block ends. `model`: when the most likely next token is `<|latent_end|>` (at most
+    `step_budget` steps; Monet's way, for blocks of varying length). `slots`: after exactly `slots` steps, the
+    length every block had in training (Coconut's way). The LM is never taught not to close a block early
+    (slot positions have no label), so a model trained on fixed blocks may close them at another length."""
     schedule: Literal["sequential", "jacobi"] = "sequential"
     """`sequential`: one cached single-position LM forward per slot. `jacobi`: all slots at once, refined
     over `jacobi_iterations` passes of the LM over the suffix (the prefix is cached once)."""
@@ -45,6 +50,9 @@ class LatentConfig:
 
     @property
     def budget(self) -> int:
+        """Most latent steps per generated block."""
+        if self.block_end == "slots":
+            return self.slots
         return self.step_budget if self.step_budget is not None else 2 * self.slots
 
     def __post_init__(self) -> None:

@@ -103,6 +103,20 @@ def test_latent_blocks_batched_equals_one_by_one(tiny_model):
     assert batched[1].latent_steps == 0 or batched[1].token_ids[0] != tiny_model.ids.latent
 
 
+def test_block_end_slots_runs_every_block_as_trained(tiny_model, monkeypatch):
+    """With the head steered to `<|latent_end|>`, `block_end: model` closes each block after its first slot;
+    `block_end: slots` ignores the head and runs exactly `slots` steps, the length of a trained block."""
+    ids, slots = tiny_model.ids, tiny_model.cfg.latent.slots
+    ps, pixels = latent_prompts(tiny_model)
+    for end, steps in (("model", 1), ("slots", slots)):
+        monkeypatch.setattr(tiny_model.cfg.latent, "block_end", end)
+        with steered(tiny_model, [ids.latent_end], 1e4):
+            out = generate_from_prompts(tiny_model, ps, pixels, GenerationConfig(max_new_tokens=slots + 3))
+        for g in (out[0], out[2]):  # the rows whose prompt opened a block
+            assert g.token_ids[: steps + 1] == [ids.latent] * steps + [ids.latent_end], end
+            assert g.latent_steps == steps
+
+
 def test_no_latent_forbids_blocks(tiny_model):
     """With the head steered to <|latent_start|>, `latent=True` opens a block at once and feeds its slots
     (`entered_latent`, recorded latents); `latent=False` decodes the same prompts without any block."""

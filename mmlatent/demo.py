@@ -4,9 +4,10 @@
    the learning curves, and a held-out test split used for the final numbers only;
 2. stage 1 (SFT teacher), stage 2 (latent distillation), stage 3 (latent only), each from the previous
    checkpoint, through `mmlatent fit` with the tiny recipes shipped in the package (`mmlatent/recipes/tiny`);
-3. a direct-answer baseline with as many optimiser steps as stages 1-3 together;
-4. evaluation on the test split through `mmlatent eval`'s runner (`synthetic` task): direct, CoT (stage 1
-   reasoning in text) and latent (stage 3, which opens its latent blocks itself), each accuracy with a Wilson
+3. two baselines, each with as many optimiser steps as stages 1-3 together: direct answers, and a
+   chain of thought in text trained without aux images (what it must write at test time);
+4. evaluation on the test split through `mmlatent eval`'s runner (`synthetic` task): direct, CoT
+   and latent (stage 3, which opens its latent blocks itself), each accuracy with a Wilson
    95% interval; the latent model again under each intervention (latent inputs zeroed, replaced by noise of
    their norm, swapped with another question's), its trigger rate, and where its thoughts look
    (`selection_on_path`);
@@ -34,11 +35,12 @@ import yaml
 from mmlatent.data.synthetic import SynthConfig, TaskMix, synthesize
 from mmlatent.data.synthetic_tokenizer import build_synthetic_tokenizer
 
-STAGES = ("stage1", "stage2", "stage3", "direct")
+STAGES = ("stage1", "stage2", "stage3", "direct", "cot")
+BASELINES = ("direct", "cot")
 
 
 def recipe(name: str) -> Path:
-    """The tiny recipe `name` (`stage1`, `stage2`, `stage3`, `direct`) shipped in the package."""
+    """The tiny recipe `name` (`stage1`, `stage2`, `stage3`, `direct`, `cot`) shipped in the package."""
     path = Path(str(resources.files("mmlatent") / "recipes" / "tiny" / f"{name}.yaml"))
     if not path.is_file():
         raise FileNotFoundError(f"tiny recipe {name!r} not found at {path}")
@@ -55,7 +57,7 @@ class DemoConfig:
     ))
     """The task: colour-move walks from a named cell on a 3x3 grid (see `mmlatent.data.synthetic`)."""
     steps: dict[str, int] = field(default_factory=lambda: {"stage1": 400, "stage2": 100, "stage3": 450})
-    """Optimiser steps of stages 1-3; the direct baseline gets their sum."""
+    """Optimiser steps of stages 1-3; each baseline (direct, CoT) gets their sum."""
     batch_size: int = 32
     """Samples per step in every stage."""
     val: int = 128
@@ -69,8 +71,8 @@ class DemoConfig:
 
     @property
     def train(self) -> int:
-        """Distinct training samples: enough that no stage repeats one."""
-        return max(self.steps[s] for s in ("stage1", "stage2", "stage3")) * self.batch_size
+        """Distinct training samples: enough that no run repeats one (the baselines run the longest)."""
+        return sum(self.steps.values()) * self.batch_size
 
 
 def stage_config(name: str, out: Path, data: Path, demo: DemoConfig) -> Path:
@@ -78,7 +80,7 @@ def stage_config(name: str, out: Path, data: Path, demo: DemoConfig) -> Path:
     the run, as a record of what ran)."""
     cfg = yaml.safe_load(recipe(name).read_text())
     run_dir = out / name
-    steps = sum(demo.steps.values()) if name == "direct" else demo.steps[name]
+    steps = sum(demo.steps.values()) if name in BASELINES else demo.steps[name]
     trainer = cfg["trainer"]
     trainer.update(default_root_dir=str(run_dir), max_steps=steps, max_epochs=None,
                    val_check_interval=demo.val_every, check_val_every_n_epoch=None)
@@ -171,15 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     data = out / "data"
     start = time.perf_counter()
     if not (data / "manifest.json").exists():
-        print(f"[1/7] writing synthetic shards to {data}")
+        print(f"[1/8] writing synthetic shards to {data}")
         synthesize(data, demo.synth, train=demo.train, val=demo.val, test=demo.test, seed=demo.seed,
                    samples_per_shard=1000)
     build_synthetic_tokenizer()
     for i, name in enumerate(STAGES):
-        train(name, out, data, demo, f"[{2 + i}/7]")
-    print("[6/7] evaluation on the held-out test split")
+        train(name, out, data, demo, f"[{2 + i}/8]")
+    print("[7/8] evaluation on the held-out test split")
     results = evaluate_all(out, data, demo)
-    print("[7/7] curves, picture, export")
+    print("[8/8] curves, picture, export")
     finish(out, data, demo, results, start)
 
 
@@ -190,7 +192,7 @@ def evaluate_all(out: Path, data: Path, demo: DemoConfig) -> dict:
     test = load_eval_data("synthetic", str(data / "test"))
     results: dict = {}
     results["direct"], *_ = evaluate_mode(checkpoint(out, "direct"), test, latent=False, max_new_tokens=16)
-    results["cot"], *_ = evaluate_mode(checkpoint(out, "stage1"), test, latent=False, max_new_tokens=160)
+    results["cot"], *_ = evaluate_mode(checkpoint(out, "cot"), test, latent=False, max_new_tokens=160)
     results["latent"], records, generated, model = evaluate_mode(
         checkpoint(out, "stage3"), test, latent=True, max_new_tokens=160, return_latents=True)
     results["interventions"] = {}

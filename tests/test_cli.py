@@ -140,13 +140,14 @@ def test_three_stages_hand_off_through_the_cli(tmp_path, monkeypatch):
         assert (tmp_path / f"runs/tiny/{stage}/checkpoints/last.ckpt").exists()
 
 
-@pytest.mark.parametrize("stage", ["stage1", "direct", "stage2", "stage3"])
-def test_data_layout_follows_the_model_stage(stage):
+@pytest.mark.parametrize("recipe, stage", [("stage1", "stage1"), ("direct", "direct"), ("stage2", "stage2"),
+                                           ("stage3", "stage3"), ("cot", "stage1")])
+def test_data_layout_follows_the_model_stage(recipe, stage):
     """The CLI gives the data module the layouts of `model.stage` (and the slot count), not a default."""
     from mmlatent.cli import MMLatentCLI
     from mmlatent.training.stages import data_layout, data_teacher_layout
 
-    cli = MMLatentCLI(["-c", str(REPO / "train" / "configs" / "tiny" / f"{stage}.yaml"), "--model.vlm.latent.slots=3",
+    cli = MMLatentCLI(["-c", str(REPO / "train" / "configs" / "tiny" / f"{recipe}.yaml"), "--model.vlm.latent.slots=3",
                        "--model.stage.observation_weight=5.0", "--model.init_from=null"], run=False)
     stage_cfg = cli.model.stage_cfg
     assert stage_cfg.name == stage and cli.model.vlm_cfg.latent.slots == 3
@@ -154,5 +155,6 @@ def test_data_layout_follows_the_model_stage(stage):
     assert cli.datamodule.layout == data_layout(stage_cfg, 3) == cli.model.data_layouts()[0]
     assert cli.datamodule.layout.observation_weight == 5.0
     assert cli.datamodule.teacher_layout == data_teacher_layout(stage_cfg, 3) == cli.model.data_layouts()[1]
+    assert cli.datamodule.layout.aux_dropout == (1.0 if recipe == "cot" else 0.0)  # the CoT baseline is text only
     if stage in ("stage2", "stage3"):
         assert cli.datamodule.layout.latent_slots == 3

@@ -230,9 +230,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, 
 
 def test_last_checkpoint_is_the_latest_state_when_the_monitored_metric_stops_improving(tmp_path, synth_small):
     """Lightning 2.6 alone would leave last.ckpt at the first epoch here (mode=max on a falling loss: no
-    later top-k save); `LatestCheckpoint` keeps it at the run's last step, which resume and init_from read."""
+    later top-k save); `LatestCheckpoint` keeps it at the run's last step, which resume and init_from read.
+    The cross-entropy is monitored: the recipe's selection loss can rise in the first steps, the CE falls."""
     best = {"class_path": "mmlatent.training.checkpointing.LatestCheckpoint",
-            "init_args": {"dirpath": str(tmp_path / "best"), "monitor": "val/loss", "mode": "max", "save_top_k": 1,
+            "init_args": {"dirpath": str(tmp_path / "best"), "monitor": "val/ce_loss", "mode": "max", "save_top_k": 1,
                           "save_last": True, "filename": "{epoch}-{step}"}}
     out = run_fit(tmp_path, synth_small, "--data.num_workers=0", "--trainer.max_epochs=3",
                   "--trainer.limit_train_batches=2", callbacks=[best], limit_val_batches=1)

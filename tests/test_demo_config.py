@@ -1,0 +1,29 @@
+"""The demo's per-run configs: what each of the five runs trains on, for how long, and from what."""
+
+from __future__ import annotations
+
+import yaml
+
+from mmlatent.demo import BASELINES, STAGES, DemoConfig, checkpoint, stage_config
+
+
+def test_each_run_gets_its_steps_data_and_predecessor(tmp_path):
+    demo = DemoConfig()
+    cfgs = {name: yaml.safe_load(stage_config(name, tmp_path / "out", tmp_path / "data", demo).read_text())
+            for name in STAGES}
+    total = sum(demo.steps.values())
+    for name, cfg in cfgs.items():
+        assert cfg["trainer"]["max_steps"] == (total if name in BASELINES else demo.steps[name]), name
+        assert cfg["data"]["train"]["shards"] == str(tmp_path / "data" / "train")
+        assert cfg["trainer"]["default_root_dir"] == str(tmp_path / "out" / name)
+    # no run repeats a training sample: the baselines, the longest runs, see `train` samples once
+    assert demo.train == total * demo.batch_size
+    # stage 2 starts from and aligns to stage 1; stage 3 starts from stage 2 and aligns to nothing
+    assert cfgs["stage2"]["model"]["init_from"] == str(checkpoint(tmp_path / "out", "stage1"))
+    assert cfgs["stage2"]["model"]["stage"]["teacher"]["checkpoint"] == str(checkpoint(tmp_path / "out", "stage1"))
+    assert cfgs["stage3"]["model"]["init_from"] == str(checkpoint(tmp_path / "out", "stage2"))
+    assert "teacher" not in cfgs["stage3"]["model"]["stage"] and cfgs["stage3"]["model"]["stage"]["align_weight"] == 0
+    # the CoT baseline is stage 1's recipe with every aux image dropped, from scratch
+    cot = cfgs["cot"]["model"]
+    assert cot["stage"]["name"] == "stage1" and cot["stage"]["aux_dropout"] == 1.0 and "init_from" not in cot
+    assert cfgs["stage1"]["model"]["stage"]["aux_dropout"] == 0.0

@@ -71,9 +71,10 @@ class TokenSelector(nn.Module):
         q = self.query(h)  # (B, dim)
         k = self.key(self._centred(visual, visual_mask) if self.cfg.centre_keys else visual)  # (B, M, dim)
         if self.cfg.scale is None:
-            scores = torch.einsum("bd,bmd->bm", q, k) / math.sqrt(self.cfg.dim)  # (B, M)
-        else:
-            scores = self.cfg.scale * torch.einsum("bd,bmd->bm", F.normalize(q, dim=-1), F.normalize(k, dim=-1))  # (B, M)
+            factor = 1 / math.sqrt(self.cfg.dim)
+        else:  # scale · cos(q, k)
+            q, k, factor = F.normalize(q, dim=-1), F.normalize(k, dim=-1), self.cfg.scale
+        scores = factor * torch.einsum("bd,bmd->bm", q, k)  # (B, M)
         # a row with nothing visible softmaxes plain zeros instead of all -inf (which would be NaN)
         visible = visual_mask | ~visual_mask.any(-1, keepdim=True)  # (B, M)
         scores = scores.masked_fill(~visible, float("-inf"))

@@ -28,7 +28,7 @@ from mmlatent.config_io import from_dict
 from mmlatent.data.batch import Batch
 from mmlatent.data.pipeline import FillerBatch, SkipSummary
 from mmlatent.data.processor import SequenceLayout
-from mmlatent.evaluation.parsing import judge
+from mmlatent.evaluation.protocols import judge
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig, generate
 from mmlatent.model.latent_vlm import LatentVLM

@@ -6,8 +6,8 @@ source (`sample_order.py`): by default every sample once per epoch, cut by a `Ba
 per-worker ranges; or endless resampled draws; or a weighted mixture of shard sets. The stream reads a
 worker's slots in blocks of `shuffle_buffer`, each block permuted by (seed, epoch, rank, worker, block),
 and closes each planned batch with a marker, so batch boundaries are planned, not counted: a sample that
-turns out bad leaves its batch one smaller, and a batch whose samples are all bad becomes a
-`FillerBatch` (one real sample the trainer weighs by zero), so every rank still takes the same steps.
+turns out bad leaves its batch one smaller, and a batch whose samples are all bad becomes a filler
+(`Batch.filler`: one earlier sample the trainer weighs by zero), so every rank still takes the same steps.
 Skips are counted by reason (`skips.py`) and ride on the next batch.
 
 `EpochLoader` wraps the stream in a `DataLoader`, runs exactly the plan's S steps per epoch on every
@@ -29,7 +29,7 @@ import json
 import logging
 import random
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from itertools import count, islice
 from typing import Callable, Iterable, Iterator
 
@@ -46,7 +46,7 @@ from mmlatent.data.shards import shard_sizes
 from mmlatent.data.skips import KEPT, TAR_EVENTS, SkipCounter, SkipSummary
 from mmlatent.data.sample_order import EpochSource, ResampledSource, WorkerView
 
-__all__ = ["SkipCounter", "SkipSummary", "KEPT", "TAR_EVENTS", "ShardStream", "EpochLoader", "FillerBatch",
+__all__ = ["SkipCounter", "SkipSummary", "KEPT", "TAR_EVENTS", "ShardStream", "EpochLoader",
            "decode_samples", "process_samples", "attach_skips"]
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,6 @@ FILLER_PROBE_LIMIT = 10_000
 
 class BatchEnd:
     """Marker closing one planned batch in the stage stream (passes through decode and process)."""
-
-
-@dataclass
-class FillerBatch(Batch):
-    """A batch that stands in for a planned step whose samples were all unusable: one real sample, to be
-    weighted by zero, so that every rank still runs the step (and its collectives)."""
 
 
 def decode_samples(src: Iterable[dict | BatchEnd], counter: SkipCounter) -> Iterator[dict | BatchEnd]:
@@ -300,7 +294,7 @@ class ShardStream(wds.DataPipeline):
                 yield self._filler()
             current = []
 
-    def _filler(self) -> FillerBatch:
+    def _filler(self) -> Batch:
         """A one-sample batch for a step whose samples were all bad: the worker's last good sample, else the
         first usable one found reading on from this rank's range."""
         sample = self._last
@@ -313,8 +307,7 @@ class ShardStream(wds.DataPipeline):
                 raise RuntimeError(f"rank {self._view.rank}: a planned batch had no usable sample and none of the next "
                                    f"{FILLER_PROBE_LIMIT} samples is usable either; see the skip warnings above")
             self._last = sample
-        batch = self.collate_fn([sample])
-        return FillerBatch(**{f.name: getattr(batch, f.name) for f in fields(Batch)})
+        return replace(self.collate_fn([sample]), filler=True)
 
 
 class EpochLoader:

@@ -104,7 +104,8 @@ def write_teacher_cache(
 ) -> tuple[int, Counter]:
     """Run `model` over teacher-view `batches` and write one safetensors part per batch.
 
-    Returns the number of samples cached and the samples the pipeline skipped, by reason.
+    Returns the number of samples cached and the samples the pipeline skipped, by reason (a filler batch,
+    which stands in for a batch of unusable samples, is not cached; its counts are kept).
     Parts are written under a temporary name and renamed, and the index last, so an interrupted run never
     leaves a cache that looks complete.
     """
@@ -114,10 +115,15 @@ def write_teacher_cache(
     out.mkdir(parents=True, exist_ok=True)
     keys: dict[str, str] = {}
     skipped: Counter = Counter()
+    parts = 0
     with tqdm(total=total, unit="sample", desc="teacher states") as bar:
-        for i, batch in enumerate(batches):
+        for batch in batches:
+            skipped.update(batch.skipped)
+            if batch.filler:
+                continue
             states = teacher_states(model, batch, kind)
-            part = f"part-{i:06d}.safetensors"
+            part = f"part-{parts:06d}.safetensors"
+            parts += 1
             tensors = {k: s.to(dtype).contiguous() for k, s in zip(batch.keys, states)}
             dupes = sorted(set(tensors) & set(keys))
             if dupes:
@@ -125,7 +131,6 @@ def write_teacher_cache(
             with atomic_path(out / part) as tmp:
                 save_file(tensors, str(tmp))
             keys.update({k: part for k in tensors})
-            skipped.update(batch.skipped)
             bar.update(len(batch))
     write_text(out / INDEX, json.dumps({"format_version": FORMAT_VERSION, "positions": kind, "keys": keys}, indent=0))
     return len(keys), skipped

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlatent.data.pipeline import EpochLoader, FillerBatch, ShardStream
+from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
 from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
@@ -45,7 +45,7 @@ def stream(urls, processor, batch_size=4, **kw) -> ShardStream:
 
 def read_all(s: ShardStream):
     batches = list(s)
-    keys = [k for b in batches if not isinstance(b, FillerBatch) for k in b.keys]
+    keys = [k for b in batches if not b.filler for k in b.keys]
     skipped: dict[str, int] = {}
     for b in batches:
         for r, n in b.skipped.items():

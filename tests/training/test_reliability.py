@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlatent.data.pipeline import EpochLoader, FillerBatch, ShardStream
+from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
 from mmlatent.data.shards import shard_sizes
@@ -22,6 +22,7 @@ from mmlatent.data.skips import TAR_EVENTS
 from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
 from mmlatent.training.checkpointing import AtomicCheckpointIO
 from tests.fit_helpers import final_state, logged, recorded_steps, run_fit
+from tests.shard_helpers import rewrite
 
 pytestmark = pytest.mark.reliability
 
@@ -46,18 +47,6 @@ def processor(tok, cfg: ProcessorConfig = ProcessorConfig()) -> Processor:
     return Processor(tok, lambda img: torch.zeros(3, 1, 1), 2, SequenceLayout(), cfg)
 
 
-def rewrite(tar_path, change) -> None:
-    """Rewrite a tar with `change(name, payload)` -> new payload, or None to leave the member out."""
-    with tarfile.open(tar_path) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-    with tarfile.open(tar_path, "w") as tf:
-        for m, payload in members:
-            payload = change(m.name, payload)
-            if payload is not None:
-                m.size = len(payload)
-                tf.addfile(m, io.BytesIO(payload))
-
-
 def epoch_on_ranks(urls, proc, world: int, batch_size: int, workers: int = 2, epoch: int = 0):
     """Every rank's batches of one epoch (the ranks as separate loaders, as DDP builds them)."""
     out = []
@@ -70,7 +59,7 @@ def epoch_on_ranks(urls, proc, world: int, batch_size: int, workers: int = 2, ep
 
 
 def tally(batches) -> tuple[list[str], dict[str, int]]:
-    keys = [k for b in batches if not isinstance(b, FillerBatch) for k in b.keys]
+    keys = [k for b in batches if not b.filler for k in b.keys]
     counts: dict[str, int] = {}
     for b in batches:
         for reason, n in b.skipped.items():
@@ -107,7 +96,7 @@ def test_damaged_shards_lose_only_what_is_damaged_and_every_rank_takes_equal_ste
     assert planned == 26  # (the data module reports the gap to the manifest's 30 at start)
     samples_skipped = sum(n for r, n in counts.items() if r not in TAR_EVENTS)
     assert len(keys) + samples_skipped == planned  # every planned sample is trained on or counted
-    assert any(isinstance(b, FillerBatch) for r in ranks for b in r)  # steps whose one sample was bad
+    assert any(b.filler for r in ranks for b in r)  # steps whose one sample was bad
 
 
 def test_overlong_samples_are_dropped_or_truncated_by_policy_and_counted(tmp_path, tok):

@@ -1,0 +1,47 @@
+"""A planned batch whose samples are all unusable becomes a filler (`Batch.filler`), and every consumer handles
+it: the teacher pass caches the rest and counts the loss, validation keeps the filler's skip counts per split."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import torch
+
+from mmlatent.data.pipeline import ShardStream
+from mmlatent.data.processor import Processor
+from mmlatent.training.datamodule import ShardDataModule, SplitConfig
+from mmlatent.training.module import LatentVLMModule
+from mmlatent.training.stages import StageConfig, build_stage
+from mmlatent.training.teacher import TeacherCache, write_teacher_cache
+from tests.shard_helpers import copy_with_broken_images
+
+
+def test_the_teacher_pass_caches_past_a_batch_of_corrupt_samples(tiny_model, synth_dir, tmp_path):
+    """16 consecutive samples with corrupt images at batch size 16 (the issue's reproduction): the pass writes a
+    complete cache of the other samples and counts the 16."""
+    urls = copy_with_broken_images(synth_dir / "train", tmp_path / "shards", broken_shards=1)  # 16 per shard
+    layout = build_stage(StageConfig(name="stage2", align_weight=0.0)).teacher_layout(tiny_model.cfg.latent.slots)
+    proc = Processor.for_model(tiny_model, layout)
+    stream = ShardStream(urls[:2], proc, proc.collate, 16, shuffle_buffer=0, loop=False)
+    n, skipped = write_teacher_cache(tiny_model, stream, tmp_path / "cache", "observation", torch.float32)
+    assert n == 16 and skipped == {"bad_image": 16}
+    cache = TeacherCache(tmp_path / "cache")
+    assert len(cache.keys) == 16 and all(k.startswith("synth-") or k for k in cache.keys)
+    assert len(json.loads((tmp_path / "cache" / "index.json").read_text())["keys"]) == 16
+
+
+def test_validation_keeps_a_filler_s_skip_counts_apart_from_training_s(synth_dir, tmp_path):
+    """Validation's first batch is all bad (a filler carrying 16 skips): the run logs them as validation's,
+    and training's `data/skipped` holds only training's own (none)."""
+    copy_with_broken_images(synth_dir / "val", tmp_path / "val", broken_shards=1)  # 16 bad, 16 good
+    module = LatentVLMModule()
+    data = ShardDataModule(train=SplitConfig(shards=str(synth_dir / "train")), val=SplitConfig(shards=str(tmp_path / "val")),
+                           batch_size=16, num_workers=0, shuffle_buffer=0)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=1,
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"), log_every_n_steps=1)
+    trainer.fit(module, data)
+    metrics = trainer.logged_metrics
+    assert metrics["data/val_skipped"] == 16
+    assert metrics["data/skipped"] == 0

@@ -24,7 +24,6 @@ positions that are pure functions of (seed, epoch, rank, worker, step).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -35,10 +34,10 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
 from mmlatent.data.batch import Batch, ProcessedSample
+from mmlatent.data.image_decode import ImageError, decode_rgb
 from mmlatent.data.plan import Remainder
 from mmlatent.data.processor import Processor
 from mmlatent.data.sample import IMAGE_EXTENSIONS, SampleError, validate_sample
@@ -66,7 +65,9 @@ class BatchEnd:
 def decode_samples(src: Iterable[dict | BatchEnd], counter: SkipCounter) -> Iterator[dict | BatchEnd]:
     """Raw tar members -> {"key", "url", "meta", "images": {ref: RGB PIL image}}, validated.
 
-    After this stage every sample's JSON is parsed, every image decoded, and the format (DESIGN §2) holds.
+    After this stage every sample's JSON is parsed, every image decoded to upright 8-bit RGB as the converters
+    store it (`image_decode.py`: bit depths scaled, alpha on white, decompression bombs skipped as
+    `bad_image`), and the format (DESIGN §2) holds.
     """
     for raw in src:
         if isinstance(raw, BatchEnd):
@@ -87,8 +88,8 @@ def decode_samples(src: Iterable[dict | BatchEnd], counter: SkipCounter) -> Iter
             for name, value in raw.items():
                 ref, _, ext = name.rpartition(".")
                 if ext.lower() in IMAGE_EXTENSIONS and ref and not name.startswith("__"):
-                    images[ref] = _decode_image(value)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+                    images[ref] = decode_rgb(value)
+        except ImageError as err:
             counter.add("bad_image", f"{where}.{name}: {err}")
             continue
         try:
@@ -97,12 +98,6 @@ def decode_samples(src: Iterable[dict | BatchEnd], counter: SkipCounter) -> Iter
             counter.add(err.reason, f"{where}: {err.detail}")
             continue
         yield {"key": key, "url": url, "meta": meta, "images": images}
-
-
-def _decode_image(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()  # force the decode here so a truncated file fails in this stage
-    return img.convert("RGB")
 
 
 def process_samples(

@@ -54,8 +54,9 @@ class ImageOptions:
 def load_image_bytes(value: object, root: str | os.PathLike | None, key: str, what: str) -> bytes:
     """The bytes of one source image: an HF Image struct, bytes, or a path (relative to `root`).
 
-    Raises `SampleError` "missing_image" (no image at all) or "missing_image_file" (a path that does
-    not exist). `what` names the image in messages (a column or a path).
+    Raises `SampleError` "missing_image" (no image at all), "missing_image_file" (a path that does not
+    exist) or "image_outside_root" (a path that leaves `root`, e.g. `../…` or an absolute path elsewhere:
+    a record may name only its own dataset's files). `what` names the image in messages (a column or a path).
     """
     if isinstance(value, dict):  # HF Image struct {"bytes": ..., "path": ...}
         if value.get("bytes"):
@@ -65,13 +66,26 @@ def load_image_bytes(value: object, root: str | os.PathLike | None, key: str, wh
         return bytes(value)
     if isinstance(value, str) and value:
         path = Path(value)
-        if not path.is_absolute() and root is not None:
-            path = Path(root) / path
+        if root is not None:
+            path = inside_root(path, Path(root), key, what)
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise SampleError("missing_image_file", f"{what}: no file {path}", key, str(path)) from None
     raise SampleError("missing_image", f"{what}: no image (got {type(value).__name__})", key, what)
+
+
+def inside_root(path: Path, root: Path, key: str, what: str) -> Path:
+    """`path` (relative to `root`, or absolute) as a path inside `root`; raises SampleError "image_outside_root".
+
+    The test is on the normalised path, not on symlink targets: a dataset folder may hold links into a cache
+    (the Hub's snapshots link to its blob store), and the links are the dataset's own.
+    """
+    full = os.path.normpath(root / path)
+    base = os.path.normpath(root)
+    if os.path.commonpath([full, base]) != base:
+        raise SampleError("image_outside_root", f"{what}: {full} is outside the image root {base}", key, str(path))
+    return Path(full)
 
 
 def reencode(data: bytes, options: ImageOptions, key: str, what: str) -> bytes:

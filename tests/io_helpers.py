@@ -1,4 +1,5 @@
-"""Shard surgery the data tests share: rewrite a tar's members, or copy a synthetic split with some images broken."""
+"""File surgery the tests share: rewrite a tar's members, copy a synthetic split with some images broken, a file
+that fails as a full disk does."""
 
 from __future__ import annotations
 
@@ -36,3 +37,31 @@ def copy_with_broken_images(src: Path, dst: Path, broken_shards: int) -> list[st
             rewrite(target, lambda name, data: BROKEN_PNG if name.endswith(".png") else data)
         out.append(str(target))
     return out
+
+
+class DiskFullFile(io.RawIOBase):
+    """A file that accepts half of what it is given, then fails as a full disk would."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def write(self, data) -> int:
+        self.real.write(bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        self.real.close()
+        super().close()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def fill_the_disk(monkeypatch) -> None:
+    """Every file `mmlatent.atomic` opens from now on fails as on a full disk."""
+    import builtins
+
+    from mmlatent import atomic
+
+    real_open = builtins.open
+    monkeypatch.setattr(atomic, "open", lambda *a, **k: DiskFullFile(real_open(*a, **k)), raising=False)

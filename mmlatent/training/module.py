@@ -118,6 +118,11 @@ class LatentVLMModule(L.LightningModule):
         slots = self.vlm_cfg.latent.slots
         return self.stage.layout(slots), self.stage.online_teacher_layout(slots)
 
+    def check_sample_keys(self, keys: dict[str, list[str]]) -> None:
+        """The data module hands over every sample key of the splits the run reads before step 1; a teacher
+        cache that lacks one (or belongs to another stage or model) stops the run here, naming it."""
+        self.stage.check_sample_keys(self.model, keys)
+
     def configure_model(self) -> None:
         """Before the strategy wraps the model: DDP defaults, gradient checkpointing, torch.compile (once)."""
         if self._trainer is not None:
@@ -179,7 +184,7 @@ class LatentVLMModule(L.LightningModule):
 
     def _count_answers(self, batch: Batch) -> None:
         """Generate the batch's answers and add (right, judged) to the epoch's counts (`val_answers`)."""
-        outs = generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+        outs = generate(self.model, batch.input_ids, batch.starts, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
         for g, gold, choices in zip(outs, batch.answers, batch.choices):
             verdict = judge("multiple-choice" if choices else "open", choices, gold, g.text)
             self._answer_counts += torch.tensor([bool(verdict.correct), 1.0], dtype=torch.float64)
@@ -232,7 +237,7 @@ class LatentVLMModule(L.LightningModule):
         """Generate an answer for each sample's prompt (the chat up to the assistant turn)."""
         if batch.filler:
             return []
-        outs = generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+        outs = generate(self.model, batch.input_ids, batch.starts, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
         return [
             {"key": k, "response": g.text, "answer": a, "positions": g.positions, "latent_steps": g.latent_steps}
             for k, g, a in zip(batch.keys, outs, batch.answers)

@@ -5,7 +5,6 @@ uninterrupted run ends."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -22,7 +21,7 @@ from mmlatent.data.skips import TAR_EVENTS
 from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
 from mmlatent.training.checkpointing import AtomicCheckpointIO
 from tests.fit_helpers import final_state, logged, recorded_steps, run_fit
-from tests.shard_helpers import rewrite
+from tests.io_helpers import fill_the_disk, rewrite
 
 pytestmark = pytest.mark.reliability
 
@@ -113,35 +112,14 @@ def test_overlong_samples_are_dropped_or_truncated_by_policy_and_counted(tmp_pat
         assert max(b.input_ids.shape[1] for b in batches) <= short + 24  # padded to a multiple of 8
 
 
-class _DiskFull(io.RawIOBase):
-    """A file that accepts half of what it is given, then fails as a full disk would."""
-
-    def __init__(self, real):
-        self.real = real
-
-    def write(self, data) -> int:
-        self.real.write(bytes(data[: len(data) // 2]))
-        raise OSError(28, "No space left on device")
-
-    def close(self) -> None:
-        self.real.close()
-        super().close()
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-
 def test_a_checkpoint_write_that_fails_partway_leaves_the_last_good_one(tmp_path, monkeypatch):
-    import builtins
-
     from mmlatent import atomic
 
     io_ = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
     io_.save_checkpoint({"step": 1, "w": torch.arange(1000.0)}, path)
-    real_open = builtins.open
-    monkeypatch.setattr(atomic, "open", lambda *a, **k: _DiskFull(real_open(*a, **k)), raising=False)
-    with pytest.raises(OSError, match="No space"):
+    fill_the_disk(monkeypatch)
+    with pytest.raises(OSError, match=r"no space left on the device writing .*last.ckpt"):
         io_.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()
     monkeypatch.setattr(atomic.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))

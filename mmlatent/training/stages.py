@@ -263,8 +263,8 @@ class _Distillation(Stage):
             self._teacher = load_model(t.checkpoint).requires_grad_(False)
 
     def check_sample_keys(self, model: LatentVLM, keys: dict[str, list[str]]) -> None:
-        self.load_teacher()
-        if self._cache is not None:
+        if self.align_weight > 0 and self.cfg.teacher.cache is not None:  # an online teacher serves any sample
+            self.load_teacher()
             self._cache.check(self.positions, model.backbone.num_layers, model.backbone.hidden_size, keys)
 
     def to(self, device: torch.device) -> "_Distillation":

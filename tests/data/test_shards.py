@@ -18,7 +18,6 @@ from mmlatent.config_io import ConfigError
 from mmlatent.data import shards as shards_module
 from mmlatent.data.shard_writer import RawSample, write_shards
 from mmlatent.data.shards import expand_shards, shard_sizes, shared
-from mmlatent.evaluation.runner import read_responses
 
 
 def raw(i: int, prefix: str = "s") -> RawSample:
@@ -130,6 +129,8 @@ def test_a_key_in_two_shards_is_an_error_naming_both(tmp_path):
 
 
 def test_duplicate_response_ids_are_an_error_naming_the_lines(tmp_path):
+    from mmlatent.evaluation.runner import read_responses
+
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": "q1", "response": "A"}\n{"id": "q2", "response": "B"}\n{"id": "q1", "response": "C"}\n')
     with pytest.raises(ValueError, match=r"r.jsonl:3: response id 'q1' appears twice \(first on line 1\)"):
@@ -146,3 +147,34 @@ def test_the_counts_cache_keeps_the_keys(tmp_path, monkeypatch):
     monkeypatch.setattr(shards_module, "sample_keys", lambda url: pytest.fail(f"{url} counted again"))
     with pytest.raises(ConfigError, match="appears twice"):
         shard_sizes(urls)
+
+
+def _count_on_two_ranks(rank: int, port: int, urls: list[str], out: str) -> None:
+    """One of two gloo processes: count through `shared`, each rank with a different view of the shards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    mine = urls if rank == 0 else urls[:1]  # what a transient read error would show rank 1
+    sizes = shared(lambda: shard_sizes(mine), rank, broadcast)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(sizes))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_plan_from_the_same_counts(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    urls = shards(tmp_path / "a", 7, 3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_count_on_two_ranks, args=(port, urls, str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[3, 3, 1]] * 2

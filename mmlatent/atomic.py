@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import IO, Any, Iterator, Literal
 
 
+_NO_SPACE = os.strerror(errno.ENOSPC)
+"""'No space left on device', as native writers report it in their messages too."""
+
+
 class DiskFull(OSError):
     """A write that ran out of space on its file system; the message names the file being written."""
 
@@ -49,11 +53,13 @@ def full_disk_named(path: str | os.PathLike) -> Iterator[None]:
         yield
     except DiskFull:
         raise
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as err:
+        # an OSError says so by errno; libraries that write natively (safetensors) only in their message
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(err, OSError) else _NO_SPACE in str(err)
+        if not full:
             raise
         folder = Path(path).parent
-        raise DiskFull(err.errno, f"no space left on the device writing {path} ({_free_space(folder)})") from None
+        raise DiskFull(errno.ENOSPC, f"no space left on the device writing {path} ({_free_space(folder)})") from None
 
 
 def _temporary_sibling(path: Path) -> Path:

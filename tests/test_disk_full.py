@@ -35,3 +35,13 @@ def test_a_checkpoint_or_a_teacher_cache_on_a_full_disk_names_the_file(tiny_mode
         AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(100)}, tmp_path / "ckpt" / "last.ckpt")
     with pytest.raises(DiskFull, match=r"writing .*cache/part-000000.safetensors \("):
         write_teacher_cache(tiny_model, [batch], tmp_path / "cache", "observation")
+
+
+def test_a_native_writer_s_out_of_space_message_names_the_export_folder(tmp_path):
+    """safetensors (Rust) reports a full disk in its message only, not as an OSError."""
+    from mmlatent.atomic import atomic_folder
+
+    with pytest.raises(DiskFull, match=r"writing .*export \("):
+        with atomic_folder(tmp_path / "export"):
+            raise RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+    assert not (tmp_path / "export").exists()

@@ -128,7 +128,10 @@ class ShardDataModule(L.LightningDataModule):
             self.attach_model(module.model)
         splits = self._split_urls(stage)
         if any(u not in self._counts for urls in splits.values() for u in urls):  # the same answer on every rank
-            broadcast = lambda obj: self.trainer.strategy.broadcast(obj, src=0)  # noqa: E731
+
+            def broadcast(obj: object) -> object:
+                return self.trainer.strategy.broadcast(obj, src=0)
+
             self._counts.update(shared(lambda: self._count(splits, module), self.global_rank, broadcast))
 
     def _split_urls(self, stage: str) -> dict[str, list[str]]:

@@ -82,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision of --data.")
     p.add_argument("--model-revision", default=None, help="Hub revision of --model (a Hub model id).")
     p.add_argument("--cache-dir", default=None, help="datasets cache folder (default: the HF cache).")
+    p.add_argument("--allow-partial", action="store_true", help="shards/synthetic: read a folder without a complete "
+                   "manifest.json, or a brace pattern some of whose files are missing.")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return p
 
@@ -102,7 +104,8 @@ def main(argv: list[str]) -> None:
         p.error("--batch-size must be >= 1")
     try:
         data = load_eval_data(
-            args.task, args.data, args.split, args.subset, args.limit, args.revision, args.cache_dir, args.protocol
+            args.task, args.data, args.split, args.subset, args.limit, args.revision, args.cache_dir,
+            protocol=args.protocol, allow_partial=args.allow_partial,
         )
         if args.responses is not None:
             results = rescore(data, args.responses, args.output)

@@ -247,17 +247,22 @@ def evaluate(
 
 
 def read_responses(path: str | Path) -> dict[str, str]:
-    """`{id: response}` from a JSON-lines file of `{"id", "response"}` objects (later lines win)."""
+    """`{id: response}` from a JSON-lines file of `{"id", "response"}` objects; an id given twice is an error
+    naming both lines (which of two answers to score is not ours to guess)."""
     out: dict[str, str] = {}
+    lines: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                out[str(row["id"])] = str(row["response"] if row["response"] is not None else "")
+                qid, response = str(row["id"]), str(row["response"] if row["response"] is not None else "")
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}:{n}: expected a JSON object with 'id' and 'response' ({err})") from err
+            if qid in lines:
+                raise ValueError(f"{path}:{n}: response id {qid!r} appears twice (first on line {lines[qid]})")
+            out[qid], lines[qid] = response, n
     return out
 
 

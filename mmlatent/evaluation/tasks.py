@@ -91,14 +91,16 @@ def load_eval_data(
     revision: str | None = None,
     cache_dir: str | None = None,
     protocol: str | None = None,
+    allow_partial: bool = False,
 ) -> EvalData:
     """Read a benchmark split. `data`/`split` default to the task's Hub id and usual split; `limit` keeps
-    the first N questions (after the subset); `protocol` names the scorer (default: the task's first)."""
+    the first N questions (after the subset); `protocol` names the scorer (default: the task's first);
+    `allow_partial` reads a shard set that may be partial."""
     t = get_task(task, subset, protocol)
     data = data or t.default_data
     split = split or t.default_split
     if isinstance(t, ShardsTask):
-        questions, images = t.read(data, limit)
+        questions, images = t.read(data, limit, allow_partial)
         return EvalData(task=t, data=data, split=split, image_source=images, questions=questions)
     root = resolve_root(data, split, revision)
     groups = split_files(root, split)

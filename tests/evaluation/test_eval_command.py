@@ -10,7 +10,7 @@ import torch
 
 from mmlatent.evaluation.command import load_model, main
 from mmlatent.evaluation.runner import EvalConfig, evaluate
-from mmlatent.evaluation.tasks import load_eval_data
+from mmlatent.evaluation.tasks import TASKS, load_eval_data
 from tests.evaluation.test_eval_data import write_mmmu, write_scienceqa
 
 
@@ -70,3 +70,35 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--task", "scienceqa", "--data", str(tmp_path), "--responses", "r.jsonl", "--output", str(tmp_path / "o")])
     assert err.value.code == 2 and "no parquet files for split 'test'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, tiny_model):
+    """The session's tiny model as an exported folder (`--model DIR` loads it like a Hub id)."""
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("export") / "tiny")
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_exits_0_and_draws_every_breakdown(task, tmp_path, export_dir, synth_dir, capsys):
+    """`mmlatent eval --task T` for every task: exit 0, all output files, and a chart panel per breakdown
+    (synthetic's `tasks` and `hops`, shards' `sources`, MMMU's disciplines and subjects, ScienceQA's groups)."""
+    from mmlatent.evaluation.chart import panels
+
+    data = {
+        "mmmu": lambda: write_mmmu(tmp_path / "mmmu", "data", ("validation",)),
+        "scienceqa": lambda: write_scienceqa(tmp_path / "sqa", "data"),
+        "shards": lambda: synth_dir / "val",
+        "synthetic": lambda: synth_dir / "val",
+    }[task]()
+    out = tmp_path / "out"
+    main(["--task", task, "--data", str(data), "--model", str(export_dir), "--output", str(out), "--limit", "3",
+          "--batch-size", "2", "--max-new-tokens", "3", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+          "--device", "cpu"])
+    assert last_json(capsys)["num"] == 3
+    assert {"results.json", "results.png", "samples.jsonl"} <= {p.name for p in out.iterdir()}
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    drawn = {label for _, groups in panels(results) for label in groups}
+    for name, groups in results["breakdown"].items():
+        want = {"Overall"} if name == "overall" else set(groups)
+        assert want <= drawn, name

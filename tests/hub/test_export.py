@@ -150,6 +150,18 @@ def test_folder_holds_every_part(exported):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # no temporary folders left
 
 
+def test_loading_an_export_logs_no_warning(exported, caplog, capfd):
+    """A clean load says nothing: transformers used to warn "a model of type `mmlatent` to instantiate a
+    model of type ``" on every load (its AutoTokenizer read the folder's config.json without knowing it)."""
+    import logging
+
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        LatentVLM.from_pretrained(exported["out"])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "model of type" not in capfd.readouterr().err
+
+
 def test_generation_config_round_trips(exported):
     from mmlatent.model.serialization import load_generation_config
 

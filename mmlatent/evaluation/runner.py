@@ -50,7 +50,8 @@ class EvalConfig:
     """End every prompt with `<|latent_start|>`, so each answer starts in a latent block (needs `latent`)."""
     latent_intervention: Intervention = "none"
     """Replace every latent input: `zero`, `noise` (Gaussian with the input's norm), `swap` (another
-    question's latents from the same batch; needs `batch_size` >= 2), or `none`."""
+    question's latents from the same batch; needs `batch_size` >= 2, and a last question that would be alone
+    in its batch joins the one before), or `none`."""
     max_new_tokens: int = 128
     """Most generated positions per question (text tokens and latent steps)."""
     sort_by_length: bool = True
@@ -99,6 +100,14 @@ class PromptRenderer:
         return self._prompt(self.processor, question, images)
 
 
+def batches(order: list[int], size: int, min_size: int = 1) -> list[list[int]]:
+    """`order` cut into batches of `size`; a last batch smaller than `min_size` joins the one before."""
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    if len(chunks) > 1 and len(chunks[-1]) < min_size:
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    return chunks
+
+
 def generate_responses(
     model: LatentVLM, data: EvalData, questions: list[Question], cfg: EvalConfig, return_latents: bool = False
 ) -> list[Generated]:
@@ -108,6 +117,12 @@ def generate_responses(
         return []
     if cfg.open_latent and not cfg.latent:
         raise ValueError("open_latent needs latent reasoning allowed (--latent)")
+    swap = cfg.latent_intervention == "swap"
+    if swap and cfg.batch_size < 2:
+        raise ValueError("latent_intervention swap needs --batch-size >= 2: a question takes another question's "
+                         "latents from its batch")
+    if swap and len(questions) < 2:
+        raise ValueError(f"latent_intervention swap needs at least 2 questions, got {len(questions)}")
     renderer = PromptRenderer(model, cfg.open_latent)
     order = list(range(len(questions)))
     if cfg.sort_by_length:
@@ -123,8 +138,7 @@ def generate_responses(
     model.eval()
     try:
         with tqdm(total=len(questions), unit="q", desc=f"eval {data.task.name}", disable=not cfg.progress) as bar:
-            for start in range(0, len(order), cfg.batch_size):
-                chunk = order[start : start + cfg.batch_size]
+            for chunk in batches(order, cfg.batch_size, min_size=2 if swap else 1):
                 prompts, pixels = [], []
                 for i in chunk:
                     ids, px = renderer.render(questions[i], data.images(questions[i]))

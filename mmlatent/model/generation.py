@@ -165,10 +165,13 @@ def perturb(v: Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> Te
 
 @torch.no_grad()
 def generate_from_prompts(
-    model: LatentVLM, prompts: list[Tensor], pixel_values: Tensor, cfg: GenerationConfig
+    model: LatentVLM, prompts: list[Tensor], pixel_values: Tensor, cfg: GenerationConfig,
+    questions: list[int] | None = None,
 ) -> list[Generated]:
     """Continue each prompt (1D id tensors) until `<|im_end|>` or `max_new_tokens` positions, applying the
-    configured latent intervention (`swap` first runs the batch untouched to record the donors' latents)."""
+    configured latent intervention (`swap` first runs the batch untouched to record the donors' latents).
+    `questions[i]`: the question prompt i asks (rows of one question never swap with each other); None:
+    every prompt its own question."""
     device = prompts[0].device if prompts else torch.device("cpu")
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     edit: LatentEdit | None = None
@@ -177,7 +180,7 @@ def generate_from_prompts(
     elif cfg.latent_intervention == "noise":
         edit = NoiseLatents(gen)
     elif cfg.latent_intervention == "swap":
-        donors = swap_donors(len(prompts))
+        donors = swap_donors(list(range(len(prompts))) if questions is None else questions)
         untouched = _decode(model, prompts, pixel_values, replace(cfg, latent_intervention="none", return_latents=True), None, gen)
         edit = ReplayLatents([{(r.block, r.slot): r.vector for r in g.latents} for g in untouched], donors)
     return _decode(model, prompts, pixel_values, cfg, edit, gen)
@@ -298,7 +301,7 @@ def generate_voted(
     rep_prompts = [p for p in prompts for _ in range(M)]
     rep_pixels = [pixel_values[s : s + n] for s, n in zip(starts, counts) for _ in range(M)]
     pixels = torch.cat(rep_pixels) if rep_pixels else pixel_values
-    runs = generate_from_prompts(model, rep_prompts, pixels, cfg)
+    runs = generate_from_prompts(model, rep_prompts, pixels, cfg, questions=[i for i in range(len(prompts)) for _ in range(M)])
     results = []
     for i in range(len(prompts)):
         group = runs[i * M : (i + 1) * M]

@@ -57,6 +57,18 @@ def test_no_latent_means_no_latent_steps(tiny_model, scienceqa):
     assert len(out) == 4 and all(g.latent_steps == 0 for g in out)
 
 
+def test_swap_answers_every_question_with_donors_from_other_questions(tiny_model, mmmu):
+    """4 questions at batch size 3 used to end in a last batch of one question, which raised "needs at least
+    two questions ... (batch size >= 2)" after 3 answers; every batch now holds two questions or more."""
+    cfg = EvalConfig(batch_size=3, latent_intervention="swap", open_latent=True, max_new_tokens=4, progress=False)
+    out = generate_responses(tiny_model, mmmu, mmmu.questions, cfg)
+    assert len(out) == 4 and all(g is not None and g.entered_latent for g in out)
+    with pytest.raises(ValueError, match="swap needs at least 2 questions, got 1"):
+        generate_responses(tiny_model, mmmu, mmmu.questions[:1], cfg)
+    with pytest.raises(ValueError, match="swap needs --batch-size >= 2"):
+        generate_responses(tiny_model, mmmu, mmmu.questions, EvalConfig(batch_size=1, latent_intervention="swap"))
+
+
 def test_evaluate_writes_every_output(tiny_model, mmmu, tmp_path):
     results = evaluate(tiny_model, mmmu, EvalConfig(batch_size=2, max_new_tokens=4, progress=False, open_latent=True), tmp_path, "tiny")
     lines = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]

@@ -1,7 +1,8 @@
 """Batched generation over a benchmark split, official scoring, and the output files.
 
-Prompts are rendered by the training `Processor` (one ChatML template for training and evaluation): the
-question is a user turn and the assistant turn is opened. With latent reasoning allowed the model decides
+Prompts are rendered by the training `Processor` (mmlatent's one chat template, `mmlatent.chat_template`): the
+question's system turn (its own, else the model's `system_prompt`), the question as a user turn, and the
+opened assistant turn. With latent reasoning allowed the model decides
 whether and where it opens a latent block, and each answer records whether it did (`trigger_rate` in the
 results); `open_latent` ends every prompt with `<|latent_start|>` instead (a forced start); with latent
 reasoning off, `<|latent_start|>` is forbidden and the model answers in text. `latent_intervention` replaces
@@ -69,9 +70,10 @@ class PromptRenderer:
 
     def __init__(self, model: LatentVLM, open_latent: bool):
         cfg = ProcessorConfig(max_length=sys.maxsize)  # evaluation never drops or cuts a question
-        tok, T = model.tokenizer, model.tokens_per_image
-        self.processor = Processor(tok, model.backbone.image_transform(train=False), T, SequenceLayout(), cfg)
-        self.ids_only = Processor(tok, _no_pixels, T, SequenceLayout(), cfg)  # the length pass: no pixels
+        tok, T, system = model.tokenizer, model.tokens_per_image, model.cfg.system_prompt
+        self.processor = Processor(tok, model.backbone.image_transform(train=False), T, SequenceLayout(), cfg,
+                                   system_prompt=system)
+        self.ids_only = Processor(tok, _no_pixels, T, SequenceLayout(), cfg, system_prompt=system)  # the length pass
         self.suffix = [model.ids.latent_start] if open_latent else []
 
     @staticmethod
@@ -80,8 +82,9 @@ class PromptRenderer:
             {"type": "image", "ref": f"img{item}"} if isinstance(item, int) else {"type": "text", "text": item}
             for item in question.content
         ]
+        system = [] if question.system is None else [{"role": "system", "content": [{"type": "text", "text": question.system}]}]
         return {
-            "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": []}],
+            "messages": [*system, {"role": "user", "content": content}, {"role": "assistant", "content": []}],
             "answer": "",
         }
 

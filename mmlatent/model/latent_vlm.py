@@ -32,7 +32,8 @@ from mmlatent.model.lq_former import LQFormer
 from mmlatent.model.native_backbone import build_native_backbone
 from mmlatent.model.sketch_head import SketchHead
 from mmlatent.model.tokenizer import load_tokenizer
-from mmlatent.tokens import prompt_ids, token_ids
+from mmlatent.chat_template import prompt_ids
+from mmlatent.tokens import token_ids
 
 IMAGE_MARKER = "<image>"
 """Where an image goes in a `LatentVLM.generate` prompt."""
@@ -182,26 +183,39 @@ class LatentVLM(nn.Module):
         if len(images) != len(prompts):
             raise ValueError(f"generate: {len(images)} image entries for {len(prompts)} prompts")
         device = next(self.parameters()).device
-        transform = self.backbone.image_transform(train=False)
         ids, pixels = [], []
         for i, (imgs, text) in enumerate(zip(images, prompts)):
-            imgs = [imgs] if isinstance(imgs, Image.Image) else list(imgs)
-            pieces = text.split(IMAGE_MARKER)
-            if len(pieces) == 1:
-                content: list[str | None] = [*[None] * len(imgs), text]
-            elif len(pieces) - 1 == len(imgs):
-                content = [x for k, piece in enumerate(pieces) for x in ([None, piece] if k else [piece]) if x != ""]
-            else:
-                raise ValueError(f"generate: prompt {i} has {len(pieces) - 1} {IMAGE_MARKER} markers for {len(imgs)} images")
-            ids.append(torch.tensor(prompt_ids(self.tokenizer, content, self.tokens_per_image), device=device))
-            pixels += [transform(img.convert("RGB")) for img in imgs]
-        pixel_values = torch.stack(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)  # (N_img, 3, H, W)
+            prompt, prompt_pixels = self.prompt(imgs, text, where=f"generate: prompt {i}")
+            ids.append(prompt.to(device))
+            if prompt_pixels.shape[0]:
+                pixels.append(prompt_pixels)
+        pixel_values = torch.cat(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)  # (N_img, 3, H, W)
         was_training = self.training
         self.eval()
         try:
             return generate_voted(self, ids, pixel_values, config or GenerationConfig())
         finally:
             self.train(was_training)
+
+    def prompt(self, images: Image.Image | list[Image.Image], text: str, where: str = "prompt") -> tuple[Tensor, Tensor]:
+        """One `generate` prompt as ids (L,) and images (N_img, 3, H, W): a user turn of `text` with its images
+        at the `<image>` markers (first, without markers), after the model's `system_prompt`, rendered with
+        the chat template training renders samples with."""
+        imgs = [images] if isinstance(images, Image.Image) else list(images)
+        pieces = text.split(IMAGE_MARKER)
+        image, words = {"type": "image"}, lambda piece: {"type": "text", "text": piece}
+        if len(pieces) == 1:
+            content = [*[image] * len(imgs), words(text)]
+        elif len(pieces) - 1 == len(imgs):
+            content = [x for k, piece in enumerate(pieces) for x in ([image, words(piece)] if k else [words(piece)])
+                       if x.get("text") != ""]
+        else:
+            raise ValueError(f"{where} has {len(pieces) - 1} {IMAGE_MARKER} markers for {len(imgs)} images")
+        messages = [{"role": "user", "content": content}]
+        ids = prompt_ids(self.tokenizer, messages, self.tokens_per_image, self.cfg.system_prompt)
+        transform = self.backbone.image_transform(train=False)
+        pixels = [transform(img.convert("RGB")) for img in imgs]
+        return torch.tensor(ids), torch.stack(pixels) if pixels else torch.zeros(0, 3, 1, 1)
 
     @classmethod
     def from_pretrained(cls, dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> "LatentVLM":

@@ -7,7 +7,11 @@ the prefix is encoded once. Each sample is in text mode or inside a latent block
 or LQ-Former), while the other samples keep decoding tokens in the same forward (`torch.where`-style
 row selection). A block ends when the model's most likely next token is `<|latent_end|>` or after the step
 budget (2 × slots by default), or after exactly `slots` steps with `latent.block_end: slots`; then
-`<|latent_end|>` is fed and text resumes.
+`<|latent_end|>` is fed and text resumes. With `latent.schedule: jacobi` a block is decoded whole, as
+training's Jacobi forward computes it (PCCoT): its `slots` inputs are refined together over
+`jacobi_iterations` passes of the LM over the block (the other rows wait, the block's columns masked out for
+them), then it closes. Training refines all of a sequence's blocks together, generation one block at a time
+(a later block sees the earlier ones' final vectors), so the two agree exactly on a sequence's first block.
 
 Test-time scaling (`trajectories > 1`): each prompt runs M times in the same batch with Gaussian noise or
 dropout on its latent vectors, and the answers are decided by majority vote.
@@ -209,8 +213,22 @@ def _decode(
     records: list[list[LatentRecord]] = [[] for _ in range(B)]
     budget = model.cfg.latent.budget
     model_ends_blocks = model.cfg.latent.block_end == "model"
+    jacobi = model.cfg.latent.schedule == "jacobi"
+    if jacobi:  # a Jacobi block is decoded whole, with the slot count training refines; then it closes
+        budget = model.cfg.latent.slots
     last_pos = pos[:, -1]  # (B,)
     for _ in range(cfg.max_new_tokens):
+        starting = in_latent & (count == 0) & ~done  # rows whose last input opened a block
+        if jacobi and bool(starting.any()):
+            room = torch.tensor([len(t) + budget <= cfg.max_new_tokens for t in new], device=device)
+            done = done | (starting & ~room)  # a block that would pass max_new_tokens ends the answer at its start
+            starting = starting & room
+            if bool(starting.any()):
+                h_last, logits, mask, last_pos = _jacobi_block(
+                    model, out.cache, starting, h_last, logits, mask, last_pos, visual, block, cfg, edit, gen, records)
+                count = torch.where(starting, torch.full_like(count, budget), count)
+                for i in starting.nonzero().flatten().tolist():
+                    new[i] += [ids_.latent] * budget
         logits[:, ids_.latent] = float("-inf")  # slots are fed by the loop inside a block, never chosen as text
         logits[:, ids_.latent_end] = logits[:, ids_.latent_end].masked_fill(~in_latent, float("-inf"))  # no block to close
         if not cfg.latent:
@@ -227,6 +245,8 @@ def _decode(
         for i in (~done).nonzero().flatten().tolist():
             new[i].append(int(tok[i]))
         done = done | (tok == ids_.turn_end)
+        if jacobi:  # a Jacobi block adds `slots` positions in one step: a row stops at max_new_tokens
+            done = done | torch.tensor([len(t) >= cfg.max_new_tokens for t in new], device=device)
         if bool(done.all()):
             break
         opens = ~in_latent & (tok == ids_.latent_start)
@@ -239,8 +259,8 @@ def _decode(
         rows = feed_latent.nonzero().flatten()
         if rows.numel():
             x = x.clone()
-            x[rows, 0] = _latent_inputs(model, h_last, rows, mask.shape[1] - 1, visual, block, count - 1, cfg, edit, gen,
-                                        records).to(x.dtype)
+            x[rows, 0] = _latent_inputs(model, h_last[rows], rows, torch.full_like(rows, mask.shape[1] - 1), visual,
+                                        block[rows], (count - 1)[rows], cfg, edit, gen, records).to(x.dtype)
         out = model.backbone.forward_lm(x, mask, last_pos[:, None], cache=out.cache, logits=False)
         h_last = out.last_hidden[:, -1]
         logits = model.backbone.lm_head(h_last)
@@ -253,26 +273,61 @@ def _decode(
     return results
 
 
-def _latent_inputs(model, h_last, rows, col, visual, block, slot, cfg, edit, gen, records) -> Tensor:
-    """The vectors fed at the latent slots of `rows` (n,): the model's latent step from the last hidden
-    states, then the intervention, then test-time noise; recorded per row when asked."""
+def _latent_inputs(model, h, rows, cols, visual, blocks, slots, cfg, edit, gen, records) -> Tensor:
+    """The vectors fed at n latent slots: rows (n,) and cache columns (n,) of the slots, h (n, D) the states
+    before them, blocks and slots (n,) their numbers. The model's latent step, then the intervention, then
+    test-time noise; recorded per row when asked (`records` None: not recorded)."""
     if visual is None:
-        step = model.latent_step(h_last[rows])
+        step = model.latent_step(h)
     else:
-        tokens, vmask = visual.visible(rows, torch.full_like(rows, col))
-        step = model.latent_step(h_last[rows], tokens, vmask)
+        tokens, vmask = visual.visible(rows, cols)
+        step = model.latent_step(h, tokens, vmask)
     vectors = step.vector  # (n, D)
     if edit is not None:
-        vectors = edit(rows, block[rows], slot[rows], vectors)
+        vectors = edit(rows, blocks, slots, vectors)
     vectors = perturb(vectors, cfg, gen)
-    if cfg.return_latents:
+    if cfg.return_latents and records is not None:
         for i, r in enumerate(rows.tolist()):
             records[r].append(LatentRecord(
-                block=int(block[r]), slot=int(slot[r]), vector=vectors[i].detach().cpu(),
+                block=int(blocks[i]), slot=int(slots[i]), vector=vectors[i].detach().cpu(),
                 selected=None if step.indices is None else step.indices[i].cpu(),
                 relevance=None if step.relevance is None else step.relevance[i].cpu(),
             ))
     return vectors
+
+
+def _jacobi_block(model, cache, starting, h_last, logits, mask, last_pos, visual, block, cfg, edit, gen, records):
+    """Decode the latent block each row of `starting` (B,) has just opened, as training's Jacobi forward
+    (`latent_loop._jacobi`) computes it on the same sequence: the `slots` inputs start as the `<|latent|>`
+    embedding; each of `jacobi_iterations - 1` passes runs the LM over the block's first slots - 1 positions
+    and feeds every slot the latent made from the state before it (the cache is cut back after each pass);
+    a last pass feeds the refined slots and keeps them in the cache. The other rows wait: the block's
+    columns are masked out for them and their state is kept. Returns h_last, logits, mask, last_pos."""
+    bb, lat = model.backbone, model.cfg.latent
+    N, B = lat.slots, h_last.shape[0]
+    device = h_last.device
+    rows = starting.nonzero().flatten()  # (n,)
+    L0 = mask.shape[1]
+    mask = torch.cat([mask, starting[:, None].to(mask.dtype).expand(B, N)], dim=1)  # (B, L0 + N)
+    pos = last_pos[:, None] + 1 + torch.arange(N, device=device)  # (B, N)
+    x = bb.embed_tokens(torch.full((B, N), model.ids.latent, dtype=torch.long, device=device))  # (B, N, D)
+    slot_rows = rows.repeat_interleave(N)  # (n·N,) row of each slot, row-major
+    slots = torch.arange(N, device=device).repeat(rows.numel())  # (n·N,)
+    for t in range(lat.jacobi_iterations - 1):
+        h = h_last[:, None]  # (B, 1, D): the state before the first slot (the block's start)
+        if N > 1:  # a refinement pass only needs the states that feed slots: the first N - 1 of them
+            o = bb.forward_lm(x[:, : N - 1], mask[:, : L0 + N - 1], pos[:, : N - 1], cache=cache, logits=False)
+            bb.truncate_cache(cache, L0)
+            h = torch.cat([h, o.last_hidden], dim=1)  # (B, N, D): state before slot s at index s
+        last = t == lat.jacobi_iterations - 2  # this pass makes the inputs the block keeps: record them
+        vectors = _latent_inputs(model, h[rows].flatten(0, 1), slot_rows, L0 + slots, visual, block[slot_rows],
+                                 slots, cfg, edit, gen, records if last else None)  # (n·N, D)
+        x = x.clone()
+        x[rows] = vectors.view(rows.numel(), N, -1).to(x.dtype)
+    out = bb.forward_lm(x, mask, pos, cache=cache, logits=False)  # the refined block, kept in the cache
+    h_last = torch.where(starting[:, None], out.last_hidden[:, -1], h_last)  # (B, D)
+    logits = torch.where(starting[:, None], bb.lm_head(h_last), logits)  # (B, V)
+    return h_last, logits, mask, torch.where(starting, last_pos + N, last_pos)
 
 
 def images_per_prompt(prompts: list[Tensor], image_id: int, tokens_per_image: int) -> list[int]:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
+import pytest
 import torch
 
 from mmlatent.model.generation import GenerationConfig, generate_from_prompts
@@ -191,3 +192,65 @@ def test_latent_noise_kinds():
     drop = perturb(v, GenerationConfig(latent_noise="dropout", noise_std=0.25), g)
     assert abs(float((drop == 0).float().mean()) - 0.25) < 0.03 and torch.allclose(drop[drop != 0], torch.tensor(1 / 0.75))
     assert torch.equal(perturb(v, GenerationConfig(), g), v)
+
+
+def latent_model(mode: str, schedule: str):
+    from mmlatent.model.latent_vlm import LatentVLM
+    from mmlatent.model.presets import preset
+
+    cfg = preset("tiny")
+    cfg.latent.mode, cfg.latent.schedule = mode, schedule
+    torch.manual_seed(0)
+    return LatentVLM(cfg).eval()
+
+
+@pytest.mark.parametrize("mode,schedule", [("sketch", "sequential"), ("thought", "sequential"),
+                                           ("sketch", "jacobi"), ("thought", "jacobi")])
+def test_generated_latents_equal_latent_forward_on_the_same_sequence(mode, schedule):
+    """Generation and training compute the same thing: each answer's prompt plus its generated tokens, run
+    through `latent_forward` (the training loop, with the model's schedule) on the same model, gives the
+    latent vectors generation fed and predicts the text tokens it chose. Batched rows open their blocks at
+    different steps (two prompts open one at once). With Jacobi the block's vectors are the refined ones,
+    not the sequential chain's (3 passes for 4 slots), and training's Jacobi refines all of a sequence's
+    blocks together, so the sequence is cut before a second block."""
+    from mmlatent.model.latent_loop import latent_forward
+
+    model = latent_model(mode, schedule)
+    ids = model.ids
+    ps, pixels = latent_prompts(model)
+    cfg = GenerationConfig(max_new_tokens=model.cfg.latent.slots + 6, return_latents=True)
+    out = generate_from_prompts(model, ps, pixels, cfg)
+    assert all(g.positions <= cfg.max_new_tokens for g in out)  # a Jacobi block adds its slots in one step
+    checked = 0
+    for i, (p, g) in enumerate(zip(ps, out)):
+        if not g.entered_latent:
+            continue
+        new = g.token_ids
+        if schedule == "jacobi" and ids.latent_start in new[1:]:
+            new = new[: new.index(ids.latent_start, 1)]
+        seq = torch.tensor(p.tolist() + new)[None]  # (1, L)
+        with torch.no_grad():
+            fwd = latent_forward(model, seq, torch.ones_like(seq), torch.arange(seq.shape[1])[None], pixels[i : i + 1],
+                                 schedule=schedule, prompt_end=torch.tensor([p.numel()]))
+        fed = torch.stack([r.vector for r in g.latents[: fwd.latent_vectors.shape[0]]])
+        torch.testing.assert_close(fwd.latent_vectors, fed, atol=1e-5, rtol=1e-5)
+        if mode == "thought":
+            assert fwd.selected.tolist() == [r.selected.tolist() for r in g.latents[: len(fed)]]
+        logits = fwd.logits[0].clone()
+        logits[:, [ids.latent, ids.latent_end]] = float("-inf")  # never chosen as text (generation masks them too)
+        for k in range(p.numel(), seq.shape[1]):
+            if int(seq[0, k]) not in (ids.latent, ids.latent_end):  # the text tokens greedy decoding chose
+                assert int(logits[k - 1].argmax()) == int(seq[0, k]), (i, k)
+        checked += 1
+    assert checked >= 2
+    if schedule == "jacobi":  # the refined block is not the sequential chain: the two modes really differ
+        model.cfg.latent.schedule = "sequential"
+        seq_out = generate_from_prompts(model, ps, pixels, cfg)
+        assert not torch.allclose(seq_out[0].latents[-1].vector, out[0].latents[model.cfg.latent.slots - 1].vector)
+
+
+def test_jacobi_needs_two_passes():
+    from mmlatent.model.latent_config import LatentConfig
+
+    with pytest.raises(ValueError, match="jacobi_iterations=1 must be at least 2"):
+        LatentConfig(schedule="jacobi", jacobi_iterations=1)

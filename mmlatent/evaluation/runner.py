@@ -34,7 +34,7 @@ from mmlatent.evaluation.metrics import overall, wilson_interval
 from mmlatent.evaluation.parsing import judge
 from mmlatent.evaluation.question import Question
 from mmlatent.evaluation.tasks import EvalData
-from mmlatent.model.generation import GenerationConfig, Generated, generate_from_prompts
+from mmlatent.model.generation import GenerationConfig, Generated, LatentNoise, generate_voted
 from mmlatent.model.interventions import Intervention
 from mmlatent.model.latent_vlm import LatentVLM
 
@@ -55,6 +55,16 @@ class EvalConfig:
     in its batch joins the one before), or `none`."""
     max_new_tokens: int = 128
     """Most generated positions per question (text tokens and latent steps)."""
+    trajectories: int = 1
+    """Test-time scaling: trajectories per question, each with its own latent noise; the answer is their
+    majority vote over parsed predictions (recorded per question in samples.jsonl as `votes`)."""
+    latent_noise: LatentNoise = "none"
+    """The trajectories' latent noise (needed when `trajectories` > 1): `gaussian`, `dropout` (on the vectors)
+    or `mc_dropout` (the LQ-Former's dropout active; thought mode)."""
+    noise_std: float = 0.1
+    """Standard deviation of the Gaussian noise, or the drop probability of `dropout` and `mc_dropout`."""
+    seed: int = 0
+    """Seed of the latent noise (trajectory m of every question draws from a stream seeded by it and m)."""
     sort_by_length: bool = True
     """Batch questions of similar prompt length together (less padding); outputs keep dataset order."""
     progress: bool = True
@@ -126,6 +136,9 @@ def generate_responses(
                          "latents from its batch")
     if swap and len(questions) < 2:
         raise ValueError(f"latent_intervention swap needs at least 2 questions, got {len(questions)}")
+    if cfg.trajectories > 1 and cfg.latent_noise == "none":
+        raise ValueError(f"--trajectories {cfg.trajectories} needs a --latent-noise: without noise every trajectory "
+                         f"is the same greedy answer")
     renderer = PromptRenderer(model, cfg.open_latent)
     order = list(range(len(questions)))
     if cfg.sort_by_length:
@@ -133,7 +146,8 @@ def generate_responses(
         order.sort(key=lengths.__getitem__)
     gen_cfg = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, latent=cfg.latent, latent_intervention=cfg.latent_intervention,
-        return_latents=return_latents,
+        return_latents=return_latents, trajectories=cfg.trajectories, latent_noise=cfg.latent_noise,
+        noise_std=cfg.noise_std, seed=cfg.seed,
     )
     device = next(model.parameters()).device
     out: list[Generated | None] = [None] * len(questions)
@@ -150,12 +164,23 @@ def generate_responses(
                         pixels.append(px)
                 # (N_img, 3, H, W): the batch's images in prompt order
                 pixel_values = torch.cat(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)
-                for i, g in zip(chunk, generate_from_prompts(model, prompts, pixel_values, gen_cfg)):
+                answers = generate_voted(model, prompts, pixel_values, gen_cfg,
+                                         extract=lambda k, text, chunk=chunk: vote_key(questions[chunk[k]], text))
+                for i, g in zip(chunk, answers):
                     out[i] = g
                 bar.update(len(chunk))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def vote_key(question: Question, response: str) -> str | None:
+    """What a trajectory's vote counts as: its parsed prediction (the letter of a multiple-choice question,
+    the parsed candidates of an open one), None when nothing parses (not counted)."""
+    verdict = judge(question.question_type, question.choices, question.gold, response)
+    if question.question_type == "multiple-choice":
+        return verdict.prediction
+    return json.dumps(sorted(map(str, verdict.parsed))) if verdict.parsed else None
 
 
 def score(
@@ -183,6 +208,8 @@ def score(
             record["latent_steps"] = generated[k].latent_steps
             record["entered_latent"] = generated[k].entered_latent
             record["positions"] = generated[k].positions
+            if generated[k].votes is not None:  # test-time scaling: how the trajectories voted
+                record["votes"] = generated[k].votes
         records.append(record)
     return records
 

@@ -29,6 +29,7 @@ from mmlatent.model.generation import Generated, GenerationConfig, generate_vote
 from mmlatent.model.language_model import load_language_model
 from mmlatent.model.lora import LoraAdapters, LoraConfig, apply_lora
 from mmlatent.model.lq_former import LQFormer
+from mmlatent.model.mc_dropout import RowDropout
 from mmlatent.model.native_backbone import build_native_backbone
 from mmlatent.model.sketch_head import SketchHead
 from mmlatent.model.tokenizer import load_tokenizer
@@ -137,14 +138,20 @@ class LatentVLM(nn.Module):
         positions = torch.where(valid, order, torch.full_like(order, torch.iinfo(torch.long).max))
         return VisualContext(tokens=tokens, positions=positions, valid=valid)
 
-    def latent_step(self, h: Tensor, visual: Tensor | None = None, visual_mask: Tensor | None = None) -> LatentStep:
-        """Hidden states at p-1 (n, D) -> inputs for slots p (n, D), in the configured mode."""
+    def latent_step(
+        self, h: Tensor, visual: Tensor | None = None, visual_mask: Tensor | None = None, mc: RowDropout | None = None
+    ) -> LatentStep:
+        """Hidden states at p-1 (n, D) -> inputs for slots p (n, D), in the configured mode. `mc`: MC dropout
+        in the LQ-Former (thought mode; the sketch head has no dropout)."""
         if self.lq_former is None:
+            if mc is not None:
+                raise ValueError("MC dropout (latent_noise='mc_dropout') acts on the LQ-Former's dropout: thought mode "
+                                 "only; sketch mode has none (use latent_noise 'gaussian' or 'dropout')")
             return LatentStep(vector=self.sketch_head(h), indices=None, relevance=None)
         if visual is None:  # no image at all: an empty context
             visual = h.new_zeros(h.shape[0], 1, h.shape[-1])
             visual_mask = torch.zeros(h.shape[0], 1, dtype=torch.bool, device=h.device)
-        thought = self.lq_former(h, visual.to(h.dtype), visual_mask)
+        thought = self.lq_former(h, visual.to(h.dtype), visual_mask, mc)
         return LatentStep(vector=thought.vector, indices=thought.indices, relevance=thought.relevance)
 
     @torch.no_grad()

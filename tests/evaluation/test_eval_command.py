@@ -102,3 +102,24 @@ def test_every_task_exits_0_and_draws_every_breakdown(task, tmp_path, export_dir
     for name, groups in results["breakdown"].items():
         want = {"Overall"} if name == "overall" else set(groups)
         assert want <= drawn, name
+
+
+def test_test_time_scaling_flags_vote_and_record_the_votes(tmp_path, export_dir, synth_dir, capsys):
+    """`--trajectories M --latent-noise K` reach the vote: each line of samples.jsonl holds how the M
+    trajectories voted (parsed letters; an unparsable answer is not counted); without noise, or with MC
+    dropout on a sketch-mode model, the command stops with one line saying why."""
+    out = tmp_path / "out"
+    common = ["--task", "synthetic", "--data", str(synth_dir / "val"), "--model", str(export_dir), "--limit", "2",
+              "--max-new-tokens", "3", "--no-progress", "--device", "cpu"]
+    main([*common, "--output", str(out), "--trajectories", "3", "--latent-noise", "gaussian", "--noise-std", "0.5"])
+    lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(sum(r["votes"].values()) <= 3 for r in lines)
+    assert all(set(r["votes"]) <= set("ABCD") for r in lines)
+    assert all(r["prediction"] == max(r["votes"], key=r["votes"].get) for r in lines if r["votes"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval"]["trajectories"] == 3 and results["eval"]["latent_noise"] == "gaussian"
+    for extra, why in ((["--trajectories", "2"], "needs a --latent-noise"),
+                       (["--trajectories", "2", "--latent-noise", "mc_dropout"], "thought mode only")):
+        with pytest.raises(SystemExit) as err:
+            main([*common, "--output", str(tmp_path / "o2"), *extra])
+        assert err.value.code == 2 and why in capsys.readouterr().err

@@ -407,6 +407,28 @@ def test_only_safetensors_and_known_formats_are_read(exported, tmp_path):
         loading_config(read_config(folder), folder)
 
 
+@pytest.mark.parametrize("part", [".", "lm"])
+def test_a_truncated_weights_file_is_one_line_naming_it(exported, tmp_path, capsys, part, synth_dir):
+    """A half-copied safetensors file (the folder's own or the LM's) stops the load before any weight is read,
+    naming the file; `mmlatent eval --model` prints that one line."""
+    import shutil
+
+    from mmlatent.evaluation.command import main
+
+    folder = tmp_path / "copy"
+    shutil.copytree(exported["out"], folder)
+    weights = sorted((folder / part).glob("*.safetensors"))[-1].relative_to(folder)  # a shard (max 300KB)
+    data = (folder / weights).read_bytes()
+    (folder / weights).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{folder / weights}: not a complete safetensors file .*truncated"):
+        LatentVLM.from_pretrained(folder)
+    with pytest.raises(SystemExit) as err:
+        main(["--task", "shards", "--data", str(synth_dir / "val"), "--limit", "1", "--model", str(folder),
+              "--output", str(tmp_path / "o")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and f"{folder / weights}: not a complete safetensors file" in lines[-1]
+
+
 def test_writes_are_atomic_and_never_clobber(loaded, tmp_path):
     from mmlatent.model.serialization import save_pretrained
 

@@ -183,7 +183,8 @@ class LatentVLM(nn.Module):
         """Answer questions about images, batched: `images[i]` (one PIL image or a list) goes with `prompts[i]`.
 
         Each `<image>` in a prompt marks where its next image goes; a prompt without markers gets its images
-        first, as the training data puts question images. Returns one `Generated` per prompt: `.text`, the
+        first, as the training data puts question images; the model's `cfg.system_prompt`, if any, opens
+        every prompt (the chat template of training, `mmlatent.chat_template`). Returns one `Generated` per prompt: `.text`, the
         positions spent, and with `config.return_latents` the vectors of its latent blocks (thought mode: what
         each thought selected). Decoding follows `config` (greedy, latent blocks allowed, by default).
         """

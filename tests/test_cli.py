@@ -203,7 +203,6 @@ def test_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path, monkeypatch, synth
     from mmlatent.cli import main
     from mmlatent.evaluation.command import load_model
     from mmlatent.model.presets import preset
-    from mmlatent.training.checkpoint_reader import CheckpointError
     from mmlatent.training.module import LatentVLMModule
 
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
@@ -213,7 +212,7 @@ def test_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path, monkeypatch, synth
     bad = tmp_path / "half.ckpt"
     bad.write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.ckpt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty.ckpt cannot be read: the file ends early"):
+    with pytest.raises(ValueError, match="empty.ckpt cannot be read: the file ends early"):  # a CheckpointError
         load_model(str(tmp_path / "empty.ckpt"))
     monkeypatch.chdir(tmp_path)
     common = ["fit", "-c", STAGE1, f"--data.train.shards={synth_dir / 'train'}", f"--data.val.shards={synth_dir / 'val'}",

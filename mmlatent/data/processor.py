@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from mmlatent.chat_template import TURN_END, TURN_SEPARATOR, render_turn, turn_open, with_system
 from mmlatent.data.batch import IGNORE_INDEX, Batch, ProcessedSample, collate
 from mmlatent.data.masks import observation_mask
 from mmlatent.data.sample import SampleError
-from mmlatent.chat_template import TURN_END, TURN_SEPARATOR, render_turn, turn_open, with_system
 from mmlatent.tokens import token_ids
 
 
@@ -224,7 +224,8 @@ class Processor:
         for msg in with_system(meta["messages"], self.system_prompt):
             role = msg["role"]
             if role != "assistant":  # the prompt's turns, exactly as generation renders them
-                emit(render_turn(role, msg["content"], self.encode_text, lambda item: image_tokens(item["ref"]), self._fixed), False)
+                turn = render_turn(role, msg["content"], self.encode_text, lambda item: image_tokens(item["ref"]), self._fixed)
+                emit(turn, False)
                 continue
             emit(self._fixed(turn_open(role)), False)
             if prompt_length is None:

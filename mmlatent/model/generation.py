@@ -35,10 +35,10 @@ from torch import Tensor
 if TYPE_CHECKING:
     from mmlatent.model.latent_vlm import LatentVLM
 
-from mmlatent.model.mc_dropout import RowDropout
 from mmlatent.model.interventions import (
     INTERVENTIONS, Intervention, LatentEdit, NoiseLatents, ReplayLatents, ZeroLatents, swap_donors,
 )
+from mmlatent.model.mc_dropout import RowDropout
 
 
 LatentNoise = Literal["none", "gaussian", "dropout", "mc_dropout"]
@@ -58,7 +58,8 @@ class GenerationConfig:
     top_p: float = 1.0
     """Nucleus sampling mass when sampling (1.0 keeps the full distribution)."""
     seed: int | None = None
-    """Seed of the sampling and latent-noise generator (None: torch's global RNG)."""
+    """Seed of sampling (None: torch's global RNG) and of the latent noise, which trajectory m of every
+    question draws from a generator seeded by (seed, m) (None: a base seed drawn from torch's global RNG)."""
     latent: bool = True
     """Allow latent blocks. False forbids `<|latent_start|>`, so the model answers in text only."""
     latent_noise: LatentNoise = "none"

@@ -219,7 +219,7 @@ def test_generated_latents_equal_latent_forward_on_the_same_sequence(mode, sched
     model = latent_model(mode, schedule)
     ids = model.ids
     ps, pixels = latent_prompts(model)
-    cfg = GenerationConfig(max_new_tokens=model.cfg.latent.slots + 6, return_latents=True)
+    cfg = GenerationConfig(max_new_tokens=model.cfg.latent.slots + 4, return_latents=True)
     out = generate_from_prompts(model, ps, pixels, cfg)
     assert all(g.positions <= cfg.max_new_tokens for g in out)  # a Jacobi block adds its slots in one step
     checked = 0

@@ -35,6 +35,7 @@ from mmlatent.losses.selection import selection_loss
 from mmlatent.model.backbone import LMOutput
 from mmlatent.model.latent_loop import LatentForward, latent_forward
 from mmlatent.model.latent_vlm import LatentVLM
+from mmlatent.training.fsdp import regather_root
 from mmlatent.training.grounding import GroundingConfig, anchor_relevance, grounding_losses
 from mmlatent.training.teacher import Positions, TeacherCache, TeacherConfig, gather_states, target_positions, teacher_states
 
@@ -183,6 +184,7 @@ def latent_only_alignment(model: LatentVLM, batch: Batch, fwd: LatentForward, po
     if not torch.is_grad_enabled():  # validation: the value is all there is
         return align
     (g,) = torch.autograd.grad(align, v, allow_unused=True)
+    regather_root(model)  # under FSDP2 that backward resharded the root unit, which the rest of the step uses
     g = torch.zeros_like(v) if g is None else g
     surrogate = (fwd.latent_vectors * g.detach()).sum()
     return surrogate - surrogate.detach() + align.detach()

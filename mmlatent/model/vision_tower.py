@@ -192,13 +192,6 @@ class VisionTower(nn.Module):
             return timm.data.create_transform(**self._timm_data_config, is_training=train)
         return image_transform_v2(self._open_clip_preprocess, is_train=train)
 
-    def blocks(self) -> list[nn.Module]:
-        """The tower's transformer blocks in order (timm `blocks`, open_clip `transformer.resblocks`); empty
-        for a convnet. What a sharded strategy wraps one by one."""
-        if self._kind == "open_clip_vit":
-            return list(self.model.transformer.resblocks)
-        return list(getattr(self.model, "blocks", []))
-
     def _tokens(self, x: Tensor) -> Tensor:
         if self._kind == "open_clip_vit":
             out = self.model.forward_intermediates(

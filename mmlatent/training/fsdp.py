@@ -5,35 +5,41 @@ with gloo as on GPUs with NCCL) with two changes, because mmlatent shards and ne
 its device mesh is one dimension over every rank (Lightning's default mesh is nodes × devices named
 data × tensor parallel, which would leave a one-node run unsharded), and it carries the FSDP2 settings
 (mixed precision, resharding) that the Lightning module's `configure_model` hook applies with
-`shard_model` (`--trainer.strategy=fsdp2` names it with its defaults). Sharded checkpoints (`save_distributed_checkpoint: true`, a folder of
-`torch.distributed.checkpoint` shards) are written to a temporary folder and renamed into place, so a
-crash mid-save leaves the previous `last.ckpt`; consolidated ones (one `.ckpt` file gathered on rank 0)
-go through the trainer's `CheckpointIO` (mmlatent's atomic writer).
+`shard_model` (`--trainer.strategy=fsdp2` names it with its defaults). Sharded checkpoints
+(`save_distributed_checkpoint: true`, a folder of `torch.distributed.checkpoint` shards) are written to a
+temporary folder and renamed into place, so a crash mid-save leaves the previous `last.ckpt`;
+consolidated ones (one `.ckpt` file gathered on rank 0) go through the trainer's `CheckpointIO`
+(mmlatent's atomic writer).
 
-`shard_model` puts every transformers layer (`GradientCheckpointingLayer`: decoder layers, native
-vision blocks) and every block of a composed backbone's vision tower in its own FSDP unit, and the
-`LatentVLM` itself in the root unit (embeddings, heads, norms, projector, latent modules). The stages do
-not call `LatentVLM.forward` (the latent loop calls the backbone's pieces directly), so the root's
-hooks would never run: `call_through_root` runs a step's whole computation as the root module's forward,
-as Lightning's own strategies redirect `training_step` through their wrappers. The trade-off of the
-latent stages: each decoder layer runs once per latent slot column, so with `reshard_after_forward`
-its parameters are all-gathered once per column (least memory); `reshard_after_forward: false` keeps
-them gathered from the forward to the backward (one gather per step, the whole model unsharded in
-`param_dtype` on every device).
+Units. Each LM decoder layer is an FSDP unit; everything else (embeddings, head, norms, the vision tower
+and projector, the latent modules) is the root unit, gathered once per step. FSDP2 gathers a unit's
+parameters at every call of it, a collective every rank must join, so every rank must call a unit equally
+often. The decoder layers run once per latent slot column in the latent stages, which differs from batch
+to batch: the stages ask `busiest_rank` for the largest count and `latent_forward` cuts text segments
+into that many forwards (exactly the same result). The vision tower runs a data-dependent number of
+times (question images, aux-image targets) and stays in the root. Generation decodes a data-dependent
+number of steps, so it runs with every unit gathered (`gathered`).
+
+The stages do not call `LatentVLM.forward` (the latent loop calls the backbone's pieces), so the root's
+hooks would never run: `call_through_root` runs a step's computation as the root module's forward, as
+Lightning's own strategies redirect `training_step` through their wrappers. The trade-off of the latent
+stages: with `reshard_after_forward` a decoder layer's parameters are gathered once per forward (least
+memory); `reshard_after_forward: false` keeps them gathered from the forward to the backward (fewer
+gathers; the whole LM unsharded in `param_dtype` on every device).
 """
 
 from __future__ import annotations
 
 import shutil
 import uuid
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from mmlatent.atomic import _fsync_folder, move
 from mmlatent.model.pretrained_source import DTYPES
@@ -43,14 +49,10 @@ DtypeName = Literal["bfloat16", "float16", "float32"]
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The modules `shard_model` gives an FSDP unit each: transformers layers, then vision-tower blocks."""
-    from mmlatent.model.vision_tower import VisionTower
+    """The modules `shard_model` gives an FSDP unit each: the LM's decoder layers."""
+    from mmlatent.training.acceleration import decoder_layers
 
-    units = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    seen = {id(m) for m in units}
-    for tower in (m for m in model.modules() if isinstance(m, VisionTower)):
-        units += [b for b in tower.blocks() if id(b) not in seen]
-    return units
+    return decoder_layers(model)
 
 
 def shard_model(
@@ -71,6 +73,7 @@ def shard_model(
     )
     for unit in shard_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        unit.mmlatent_reshard_after_forward = reshard_after_forward  # what `gathered` restores
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: not resharded between forward and backward
     return model
 
@@ -96,6 +99,39 @@ def call_through_root(module: nn.Module, fn: Callable[[], T]) -> T:
         return module()
     finally:
         module.__dict__.pop("forward", None)
+
+
+def busiest_rank(n: int, module: nn.Module) -> int:
+    """The largest `n` over all ranks when `module` is sharded (a collective), else `n`: how many LM forwards
+    a step must make so that every rank gathers each decoder layer as often (`latent_forward`'s `min_forwards`)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (is_sharded(module) and dist.is_available() and dist.is_initialized()):
+        return n
+    device = next(module.parameters()).device
+    count = torch.tensor([n], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Every unit of an FSDP2 model gathered for the block's data-dependent number of forwards (generation),
+    then sharded again; nothing for a model that is not sharded."""
+    if not is_sharded(module):
+        yield
+        return
+    units = [m for m in module.modules() if hasattr(m, "mmlatent_reshard_after_forward")]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit.mmlatent_reshard_after_forward, recurse=False)
+            unit.reshard()
 
 
 def regather_root(module: nn.Module) -> None:

@@ -37,7 +37,7 @@ from mmlatent.model.presets import preset
 from mmlatent.training.acceleration import AccelerationConfig, apply_acceleration, prepare_ddp
 from mmlatent.training.checkpoint_reader import init_weights
 from mmlatent.training.fault import FaultConfig, StepGuard
-from mmlatent.training.fsdp import FSDP2Strategy, call_through_root, is_sharded
+from mmlatent.training.fsdp import FSDP2Strategy, call_through_root, gathered, is_sharded
 from mmlatent.training.optim import OptimConfig, build_optimizer
 from mmlatent.training.resume import gather_rng_states, set_rng_state
 from mmlatent.training.metrics import observation_accuracy
@@ -180,12 +180,17 @@ class LatentVLMModule(L.LightningModule):
 
     def _count_answers(self, batch: Batch) -> None:
         """Generate the batch's answers and add (right, judged) to the epoch's counts (`val_answers`)."""
-        outs = call_through_root(
-            self.model, lambda: generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
-        )
+        outs = self._generate(batch)
         for g, gold, choices in zip(outs, batch.answers, batch.choices):
             verdict = judge("multiple-choice" if choices else "open", choices, gold, g.text)
             self._answer_counts += torch.tensor([bool(verdict.correct), 1.0], dtype=torch.float64)
+
+    def _generate(self, batch: Batch):
+        """Decode the batch's prompts (with every FSDP2 unit gathered: ranks decode different numbers of steps)."""
+        with gathered(self.model):
+            return call_through_root(
+                self.model, lambda: generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+            )
 
     def on_validation_epoch_start(self) -> None:
         self._observation_counts = torch.zeros(2, dtype=torch.float64)
@@ -231,9 +236,7 @@ class LatentVLMModule(L.LightningModule):
         """Generate an answer for each sample's prompt (the chat up to the assistant turn)."""
         if isinstance(batch, FillerBatch):
             return []
-        outs = call_through_root(
-            self.model, lambda: generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
-        )
+        outs = self._generate(batch)
         return [
             {"key": k, "response": g.text, "answer": a, "positions": g.positions, "latent_steps": g.latent_steps}
             for k, g, a in zip(batch.keys, outs, batch.answers)

@@ -85,6 +85,11 @@ class MMLatentCLI(LightningCLI):
         parser.link_arguments(sources, "data.layout", compute_fn=data_layout)
         parser.link_arguments(sources, "data.teacher_layout", compute_fn=data_teacher_layout)
 
+    def before_instantiate_classes(self) -> None:
+        """A GPU recipe on a machine without one stops here, in one line, before any model is built."""
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        check_accelerator(cfg.get("trainer", {}).get("accelerator"))
+
     def parse_arguments(self, parser, args) -> None:
         subcommand = args[0] if args else None
         parsers = [parser, *getattr(parser._subcommands_action, "_name_parser_map", {}).values()]
@@ -96,6 +101,17 @@ class MMLatentCLI(LightningCLI):
             sub = getattr(parser._subcommands_action, "_name_parser_map", {}).get(subcommand, parser)
             print(explain(str(err), self._args, list(sub.get_defaults().keys()), subcommand), file=sys.stderr)
             sys.exit(2)
+
+
+def check_accelerator(accelerator) -> None:
+    """Raise `ConfigError` when `trainer.accelerator` asks for a GPU this machine does not have."""
+    import torch
+
+    if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: this machine has no CUDA GPU; to run on its CPU: "
+            f"--trainer.accelerator=cpu --trainer.devices=1 --trainer.strategy=auto"
+        )
 
 
 def config_sources(args: list[str]) -> list[tuple[str, dict]]:

@@ -41,6 +41,7 @@ commands:
   teacher    precompute a distillation stage's teacher states (`--stage stage2|stage3`)
   eval       score a model on MMMU / ScienceQA: mmlatent eval --task mmmu --data MMMU/MMMU --model CKPT --output OUT
   export     write a Hub-ready folder from a checkpoint: mmlatent export CKPT OUT_DIR [--push-to-hub REPO]
+  plan       predict a recipe's memory per GPU: mmlatent plan -c RECIPE --gpu-memory 80 --gpus 8
 
 Run `mmlatent COMMAND --help` for a command's options.
 """
@@ -217,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmlatent.hub.export import main as export_main
 
         return export_main(rest)
+    if command == "plan":
+        from mmlatent.training.plan_command import main as plan_main
+
+        return plan_main(rest)
     if command == "eval":
         from mmlatent.evaluation.command import main as eval_main
 

@@ -70,7 +70,7 @@ MACHINE = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strate
            "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", "--trainer.max_epochs=1",
            "--data.num_workers=0", "--data.batch_size=1", "--data.shuffle_buffer=0",
            "--data.train.shards=data/layout/train", "--data.val.shards=data/layout/val"]
-STEPS = 2
+STEPS = 1
 """Optimiser steps per stage (the resume adds one more to stage 3)."""
 
 
@@ -190,7 +190,7 @@ def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: floa
     layout = LayoutConfig(question_images=[(1024, 768)], aux_images=[(768, 768)], question_words=16, step_words=16)
     for split, n, seed in (("train", STEPS + 1, 0), ("val", 1, 99)):
         if not (cwd / "data" / "layout" / split).is_dir():
-            write_layout_shards(cwd / "data" / "layout" / split, n, layout, seed=seed)
+            write_layout_shards(cwd / "data" / "layout" / split, n, layout, seed=seed, name=f"layout-{split}")
     result: dict = {"model": name, "layers": layers, "stages": {}, "checks": {}}
     first = stage_args(flag, "stage1", folder, logs / "probe-stage1.jsonl", layers)
     need = predict(*first, cwd, tokens=768, runtime=runtime)["total"]  # a first estimate before anything runs
@@ -288,7 +288,7 @@ def main() -> None:
     summary = {
         "models": results, "minutes": round((time.perf_counter() - t0) / 60, 1), "runtime_gib": round(runtime / GiB, 2),
         "within_15pct": all(abs(v["error"]) <= 0.15 for r in results for k, v in r["stages"].items() if k.startswith("stage")),
-        "setting": "CPU, bf16 weights, batch 1, 2 steps per stage, 1 question + 1 aux image per sample",
+        "setting": "CPU, bf16 weights, batch 1, 1 step per stage (2 for the resumed stage 3), 1 question + 1 aux image per sample",
     }
     print(json.dumps(summary))
 

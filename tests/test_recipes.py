@@ -74,8 +74,8 @@ def workspace(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("recipes")
     synthesize(root / "data" / "synth", SynthConfig(), train=8, val=4, seed=2, samples_per_shard=4, progress=False)
-    write_layout_shards(root / "data" / "layout" / "train", 4, seed=0)
-    write_layout_shards(root / "data" / "layout" / "val", 2, seed=100)
+    write_layout_shards(root / "data" / "layout" / "train", 4, seed=0, name="layout-train")
+    write_layout_shards(root / "data" / "layout" / "val", 2, seed=100, name="layout-val")
     tokenizer = synthetic_tokenizer_dir(TokenizerConfig().synthetic_vocab_size)
     vocab = len(load_tokenizer(TokenizerConfig()))
     for folder, name in (("qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-3B-Instruct"), ("qwen2_5_0_5b", "Qwen/Qwen2.5-0.5B-Instruct")):

@@ -73,8 +73,9 @@ def layout_sample(key: str, cfg: LayoutConfig, seed: int) -> RawSample:
 
 
 def write_layout_shards(out: str | Path, n: int, cfg: LayoutConfig | None = None, seed: int = 0,
-                        samples_per_shard: int = 4) -> WriteStats:
-    """Write `n` layout samples (keys `layout-00000000`, …) as shards into `out` (JPEG images, as converted)."""
+                        samples_per_shard: int = 4, name: str = "layout") -> WriteStats:
+    """Write `n` layout samples (keys `{name}-00000000`, …; give each split its own `name`, as a teacher cache
+    is keyed by sample key across splits) as shards into `out` (JPEG images, as converted)."""
     cfg = cfg or LayoutConfig()
-    samples = (layout_sample(f"layout-{i:08d}", cfg, seed + i) for i in range(n))
+    samples = (layout_sample(f"{name}-{i:08d}", cfg, seed + i) for i in range(n))
     return write_shards(samples, out, samples_per_shard=samples_per_shard, image_format="jpeg", progress=False)

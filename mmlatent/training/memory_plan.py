@@ -11,14 +11,15 @@ and without activation checkpointing (`activation_probe`). The rest is arithmeti
 - weights: every parameter in its own dtype, divided by the devices under FSDP2 (decoder layers and the
   root unit alike), plus FSDP2's gathered copies in `param_dtype`: the root unit for the whole step and two
   decoder layers (the one running and the one prefetched), or every layer with `reshard_after_forward: false`;
-  without FSDP2 and with bf16-mixed autocast on fp32 weights, autocast's bf16 copy of each weight;
+  without FSDP2 and with bf16-mixed autocast, autocast's bf16 copy of each fp32 weight;
 - gradients and AdamW's two moments: trainable parameters in their dtype, sharded like the weights;
 - an online teacher: a whole unsharded copy in its checkpoint's dtype on every device, and the hidden states
   of all its layers at every token while it runs;
 - activations: tokens × layers × the probed bytes (checkpointing: the layer inputs, plus one layer's full
   activations while it is recomputed), the KV cache of the latent loop, the logits (bf16 logits kept,
   fp32 log-probabilities saved, and in the backward their fp32 gradient and its bf16 cast: 14 bytes per token
-  and vocabulary entry), stage 2's second LM forward and its states of every layer;
+  and vocabulary entry), with LoRA's trainable special rows the merged copy of the embedding matrix peft
+  builds for the head, stage 2's second LM forward and its states of every layer;
 - the runtime: on a CPU the resident memory of this process before any model exists (torch, transformers,
   Lightning loaded); on a GPU `GPU_RUNTIME_GIB` for the CUDA context and the allocator's slack;
 - on a CPU, where the run's host memory is the device's, the start of a stage: the model plus the checkpoint
@@ -74,6 +75,8 @@ class Counts:
     """Trainable parameters outside the decoder layers."""
     bytes_per_param: float
     """Mean bytes of a parameter in its own dtype (the latent modules are fp32, the backbone its `dtype`)."""
+    wide: int
+    """Parameters stored in float32 (all of them with fp32 master weights; else mmlatent's heads and adapters)."""
     hidden: int
     """LM width D."""
     kv_dim: int
@@ -298,9 +301,11 @@ def count_parameters(vlm: ModelConfig) -> Counts:
     layer_trainable = lora if vlm.lora.enabled or id(next(layers[0].parameters())) in frozen else layer
     backbone_bytes = sum(p.numel() * p.element_size() for p in params.values())
     n_backbone = sum(p.numel() for p in params.values())
+    fp32 = latent + lora * len(layers) + sum(p.numel() for p in params.values() if p.dtype == torch.float32)
     return Counts(
         layer=layer, layer_trainable=layer_trainable, layers=len(layers), root=root, root_trainable=root_trainable,
         bytes_per_param=(backbone_bytes + 4 * (latent + lora * len(layers))) / (n_backbone + latent + lora * len(layers)),
+        wide=fp32,
         hidden=D, kv_dim=kv_dim, vocab=model.get_output_embeddings().weight.shape[0], tokens_per_image=tokens,
     )
 
@@ -464,8 +469,8 @@ def plan_memory(s: Settings, counts: Counts, act: ActivationBytes, device: Devic
     if s.strategy == "fsdp2":
         units = counts.layers if not s.reshard_after_forward else min(2, counts.layers)
         gathered = float((counts.root + units * counts.layer) * DTYPE_BYTES[s.param_dtype or s.master_dtype])
-    elif s.precision.startswith(("bf16-mixed", "16-mixed")) and p_bytes > compute:
-        gathered = float(counts.total * compute)  # autocast's cached casts of every weight used in the forward
+    elif s.precision.startswith(("bf16-mixed", "16-mixed")):
+        gathered = float(counts.wide * compute)  # autocast's cached bf16 casts of the fp32 weights
     else:
         gathered = 0.0
     trainable = counts.trainable * p_bytes
@@ -484,6 +489,8 @@ def plan_memory(s: Settings, counts: Counts, act: ActivationBytes, device: Devic
     if s.stage.name == "stage2" and s.aligns:
         activations += states + tokens * layers * per_layer  # the latent-only alignment's second forward
     logits = float(tokens * counts.vocab * LOGIT_BYTES)
+    if s.vlm.lora.enabled and s.vlm.lora.train_special_tokens:  # peft's trainable rows: a merged copy of the matrix
+        logits += counts.vocab * D * compute  # that the head's backward keeps
     rt = runtime if runtime is not None else runtime_bytes(device)
     start = 0.0
     if device.kind == "cpu" and s.init_from:

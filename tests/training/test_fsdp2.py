@@ -20,7 +20,7 @@ import torch
 
 from tests.fit_helpers import REPO
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.fsdp2, pytest.mark.slow]
 
 WEIGHT_ATOL = 1e-4
 """Weights after four AdamW steps at lr 1e-3 (each step moves a weight by up to ~1e-3): a tenth of a step."""

@@ -9,9 +9,10 @@ batch 1, two steps per stage, LoRA on the 3B and 7B LMs (the recipes' activation
 the teacher precomputed with `mmlatent teacher` where an online copy would not fit beside the student
 (SigLIP's stage 2 runs its teacher online). Samples are Monet-layout shards (`mmlatent.data.layout_samples`):
 one question image and one aux image up to 1024 px, short text. `--text-layers`/`--vision-layers` shrink the
-models (fewer layers, real widths) to check the script and the memory model at smaller points.
+models (fewer layers, real widths; a composed model's open_clip tower keeps its size) to check the script and
+the memory model at smaller points.
 
-Every stage runs in its own process; its peak resident memory (`wait4`) is compared with
+Every stage runs in its own process; its peak resident memory (VmHWM, polled) is compared with
 `mmlatent.training.memory_plan`'s prediction for the same settings on a CPU (`kind: cpu`: the host is the
 device, including the model-plus-checkpoint moment at the start of a stage). A model whose prediction does
 not fit the memory available now (plus `--headroom-gib`) is skipped, saying so. Per model it reports the
@@ -49,8 +50,6 @@ class Flagship:
     """Overrides pointing the recipe at the random folder (`{folder}` is replaced)."""
     online_teacher_stages: tuple[str, ...] = ()
     """Stages whose teacher runs online (the rest read a cache `mmlatent teacher` writes first)."""
-    vision_layers_key: str | None = None
-    """For a composed tower: the option shrinking its depth with `--vision-layers`."""
 
 
 NATIVE = ["--model.vlm.native.name_or_path={folder}", "--model.vlm.tokenizer.name_or_path={folder}",
@@ -61,7 +60,7 @@ FLAGSHIPS = {
         "Qwen/Qwen2.5-0.5B-Instruct", "siglip_qwen2_5_0_5b",
         ["--model.vlm.lm.name_or_path={folder}", "--model.vlm.tokenizer.name_or_path={folder}",
          "--model.vlm.vision.pretrained=null"],
-        online_teacher_stages=("stage2",), vision_layers_key="--model.vlm.vision.depth"),
+        online_teacher_stages=("stage2",)),
     "llava-1.5-7b": Flagship("llava-hf/llava-1.5-7b-hf", "qwen2_5_vl_3b",
                              [*NATIVE, "--model.vlm.backbone=llava", "--model.vlm.native.image_size=null"]),
 }
@@ -86,17 +85,31 @@ class Run:
     extra: dict = field(default_factory=dict)
 
 
+def high_water(pid: int) -> int:
+    """VmHWM of a process: the peak resident memory of its program (reset at exec, unlike `ru_maxrss`, which a
+    child inherits from the parent it was forked from)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run(name: str, cmd: list[str], cwd: Path, log_dir: Path) -> Run:
-    """Run `cmd` (a `python -m mmlatent ...` or this script) and measure its peak RSS with `wait4`."""
+    """Run `cmd` (a `python -m mmlatent ...` or this script), polling its peak resident memory (VmHWM)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks")]),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     log = log_dir / f"{name}.log"
     t0 = time.perf_counter()
+    peak = 0
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Run(name, usage.ru_maxrss * 1024, round(time.perf_counter() - t0, 1), proc.returncode, str(log))
+        while proc.poll() is None:
+            peak = max(peak, high_water(proc.pid))
+            time.sleep(0.2)
+    return Run(name, peak, round(time.perf_counter() - t0, 1), proc.returncode, str(log))
 
 
 def mmlatent(*args: str) -> list[str]:
@@ -112,8 +125,8 @@ def available_bytes() -> int:
 
 def baseline_bytes(work: Path) -> int:
     """Peak RSS of a process that loads what `mmlatent fit` loads and builds nothing (the memory model's runtime)."""
-    code = ("import resource, mmlatent.cli, mmlatent.training.module, mmlatent.training.datamodule, open_clip, timm; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = ("import mmlatent.cli, mmlatent.training.module, mmlatent.training.datamodule, open_clip, timm; "
+            "from mmlatent.training.memory_plan import Device, runtime_bytes; print(int(runtime_bytes(Device(0, 1, 'cpu'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     return int(out.stdout.strip().splitlines()[-1])
@@ -123,8 +136,6 @@ def stage_args(flag: Flagship, stage: str, folder: str, probe: Path, layers: dic
     """(recipe files, overrides) of one stage on this machine."""
     recipe = str(REPO / "train" / "configs" / flag.recipes / f"{stage}.yaml")
     over = [*MACHINE, *(o.format(folder=folder) for o in flag.model), f"--trainer.max_steps={STEPS}"]
-    if flag.vision_layers_key and layers["vision"]:
-        over.append(f"{flag.vision_layers_key}={layers['vision']}")
     runs = f"runs/{flag.recipes}"
     if stage in ("stage2", "stage3"):
         previous = f"{runs}/stage{int(stage[-1]) - 1}/checkpoints/last.ckpt"
@@ -184,9 +195,8 @@ def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: floa
     logs.mkdir(parents=True, exist_ok=True)
     folder = f"models/{flag.arch.split('/')[-1]}"
     if not (cwd / folder / "config.json").is_file():
-        native = flag.vision_layers_key is None
         write_random_model(flag.arch, cwd / folder, synthetic_tokenizer_dir(512), text_layers=layers["text"],
-                           vision_layers=layers["vision"] if native else None, dtype="bfloat16", full_tokenizer=True)
+                           vision_layers=layers["vision"], dtype="bfloat16", full_tokenizer=True)
     layout = LayoutConfig(question_images=[(1024, 768)], aux_images=[(768, 768)], question_words=16, step_words=16)
     for split, n, seed in (("train", STEPS + 1, 0), ("val", 1, 99)):
         if not (cwd / "data" / "layout" / split).is_dir():
@@ -221,7 +231,7 @@ def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: floa
         tokens = max(s["tokens"] for s in steps)
         pred = predict(configs, over, cwd, tokens=tokens, runtime=runtime)
         result["stages"][stage] = {
-            "peak_gib": round(done.peak_bytes / GiB, 2), "predicted_gib": round(pred["total"] / GiB, 2),
+            "peak_gib": round(max(done.peak_bytes, *(s["peak_rss_bytes"] for s in steps)) / GiB, 2), "predicted_gib": round(pred["total"] / GiB, 2),
             "error": round(pred["total"] / done.peak_bytes - 1, 3), "seconds_per_step": round(sum(s["seconds"] for s in steps) / len(steps), 1),
             "tokens_per_step": tokens, "process_seconds": done.seconds,
             "bytes": {k: steps[-1][k] for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")},
@@ -229,7 +239,9 @@ def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: floa
         }
         result["parameters"] = pred["parameters"]
     stage3 = stage_args(flag, "stage3", folder, logs / "probe-resume.jsonl", layers)
+    # last.ckpt was written when training stopped; Lightning resumes such a checkpoint at the next epoch
     resumed = run("resume", mmlatent("fit", "-c", stage3[0][0], *stage3[1], f"--trainer.max_steps={STEPS + 1}",
+                                     "--trainer.max_epochs=2",
                                      f"--ckpt_path=runs/{flag.recipes}/stage3/checkpoints/last.ckpt"), cwd, logs)
     resumed_steps = [json.loads(x)["step"] for x in (logs / "probe-resume.jsonl").read_text().splitlines()] if (
         logs / "probe-resume.jsonl").is_file() else []

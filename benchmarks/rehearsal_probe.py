@@ -4,7 +4,7 @@ Loaded into a `mmlatent fit` run by class path (`rehearsal_probe.StepProbe`, wit
 PYTHONPATH). Per training step it writes one JSON line: wall seconds, tokens (non-padding positions),
 the bytes autograd saved for the backward during the forward (activations; parameters excluded, each
 storage counted once), the parameter, gradient and optimiser-state bytes, and the process's peak
-resident memory so far (and on a GPU the CUDA allocator's peak reserved bytes).
+resident memory so far (VmHWM; and on a GPU the CUDA allocator's peak reserved bytes).
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+
+def _high_water() -> int:
+    """This program's peak resident memory (VmHWM; `ru_maxrss` would include the forking parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _bytes(tensors) -> int:
@@ -66,7 +74,7 @@ class StepProbe(L.Callback):
             "gradient_bytes": self._grads,
             "optimizer_bytes": _bytes(v for state in optimizer.state.values() for v in state.values()
                                       if isinstance(v, torch.Tensor)),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _high_water(),
             "peak_cuda_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0,
         }
         with open(self.out, "a") as f:

@@ -4,7 +4,8 @@ The real recipes (Qwen2.5-VL-3B native, SigLIP + Qwen2.5-0.5B composed) build th
 architectures with random weights from `mmlatent.model.architectures`, saved as a Hub repository holds
 them and loaded through the recipe's own `name_or_path` fields: the real hidden sizes, heads, vision
 tower, image processor and tokens per image, with one decoder layer and one vision block (the full-size
-models are `benchmarks/rehearsal.py`'s) and the small synthetic vocabulary. They train on Monet-layout
+models are `benchmarks/rehearsal.py`'s; SigLIP's tower keeps its 12 blocks: open_clip's timm-based towers take
+no depth override) and the small synthetic vocabulary. They train on Monet-layout
 shards (two question and two aux images, up to 1024 px: `mmlatent.data.layout_samples`) at the recipe's
 image size; stage 2 and 3 start from the previous stage's `last.ckpt` at the recipe's paths, with the
 teacher the recipe names (online, or the cache `mmlatent teacher` writes as the header says). The Qwen
@@ -58,8 +59,7 @@ def recipe_overrides(folder: str) -> list[str]:
                 "--model.vlm.tokenizer.name_or_path=models/qwen2_5_vl_3b"]
     if folder == "siglip_qwen2_5_0_5b":
         return [*COMMON, *LAYOUT_DATA, "--model.vlm.lm.name_or_path=models/qwen2_5_0_5b",
-                "--model.vlm.tokenizer.name_or_path=models/qwen2_5_0_5b", "--model.vlm.vision.pretrained=null",
-                "--model.vlm.vision.depth=1"]
+                "--model.vlm.tokenizer.name_or_path=models/qwen2_5_0_5b", "--model.vlm.vision.pretrained=null"]
     return [*COMMON, "--data.batch_size=4"]
 
 

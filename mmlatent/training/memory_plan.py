@@ -451,8 +451,15 @@ class Plan:
 
 
 def runtime_bytes(device: Device) -> float:
+    """The runtime's share: `GPU_RUNTIME_GIB` on a GPU; on a CPU this process's peak resident memory so far
+    (VmHWM, which unlike `ru_maxrss` does not include a forking parent's)."""
     if device.kind == "gpu":
         return GPU_RUNTIME_GIB * GiB
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kB on Linux
 
 

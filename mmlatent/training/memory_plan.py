@@ -73,8 +73,10 @@ class Counts:
     """Every other parameter (embeddings, head, norms, vision tower, projector, latent modules)."""
     root_trainable: int
     """Trainable parameters outside the decoder layers."""
-    bytes_per_param: float
-    """Mean bytes of a parameter in its own dtype (the latent modules are fp32, the backbone its `dtype`)."""
+    total_bytes: int
+    """Bytes of every parameter in its own dtype (the backbone its `dtype`; mmlatent's heads and LoRA fp32)."""
+    trainable_bytes: int
+    """Bytes of the trainable parameters (their gradients and each AdamW moment take as many)."""
     wide: int
     """Parameters stored in float32 (all of them with fp32 master weights; else mmlatent's heads and adapters)."""
     hidden: int
@@ -299,12 +301,14 @@ def count_parameters(vlm: ModelConfig) -> Counts:
     root_trainable = sum(p.numel() for i, p in params.items() if i not in in_layers and i not in frozen) + latent + specials
     layer = sum(p.numel() for p in layers[0].parameters()) + lora
     layer_trainable = lora if vlm.lora.enabled or id(next(layers[0].parameters())) in frozen else layer
-    backbone_bytes = sum(p.numel() * p.element_size() for p in params.values())
-    n_backbone = sum(p.numel() for p in params.values())
+    ours = 4 * (latent + lora * len(layers))  # mmlatent's heads and peft's adapters are fp32
+    trained = [p for i, p in params.items() if i not in frozen]
+    embed_bytes = model.get_input_embeddings().weight.element_size()
     fp32 = latent + lora * len(layers) + sum(p.numel() for p in params.values() if p.dtype == torch.float32)
     return Counts(
         layer=layer, layer_trainable=layer_trainable, layers=len(layers), root=root, root_trainable=root_trainable,
-        bytes_per_param=(backbone_bytes + 4 * (latent + lora * len(layers))) / (n_backbone + latent + lora * len(layers)),
+        total_bytes=sum(p.numel() * p.element_size() for p in params.values()) + ours,
+        trainable_bytes=sum(p.numel() * p.element_size() for p in trained) + ours + specials * embed_bytes,
         wide=fp32,
         hidden=D, kv_dim=kv_dim, vocab=model.get_output_embeddings().weight.shape[0], tokens_per_image=tokens,
     )
@@ -470,9 +474,8 @@ def plan_memory(s: Settings, counts: Counts, act: ActivationBytes, device: Devic
     L = seq_len or s.max_length
     tokens = B * L
     shards = device.count if s.strategy == "fsdp2" else 1
-    p_bytes = counts.bytes_per_param
     compute = DTYPE_BYTES[s.compute_dtype]
-    weights = counts.total * p_bytes / shards
+    weights = counts.total_bytes / shards
     if s.strategy == "fsdp2":
         units = counts.layers if not s.reshard_after_forward else min(2, counts.layers)
         gathered = float((counts.root + units * counts.layer) * DTYPE_BYTES[s.param_dtype or s.master_dtype])
@@ -480,12 +483,12 @@ def plan_memory(s: Settings, counts: Counts, act: ActivationBytes, device: Devic
         gathered = float(counts.wide * compute)  # autocast's cached bf16 casts of the fp32 weights
     else:
         gathered = 0.0
-    trainable = counts.trainable * p_bytes
+    trainable = float(counts.trainable_bytes)
     gradients = trainable / shards + (trainable if s.strategy == "ddp" else 0.0)  # DDP's reduction buckets
     optimizer = 2 * trainable / shards
     D, layers = counts.hidden, counts.layers
     states = (layers + 1) * tokens * D * compute  # hidden states of every layer at every token
-    teacher = counts.total * p_bytes + states if s.online_teacher else 0.0
+    teacher = counts.total_bytes + states if s.online_teacher else 0.0
     per_layer = act.per_layer_checkpointed if s.checkpointing else act.per_layer
     activations = tokens * (layers * per_layer + act.outside)
     if s.checkpointing:
@@ -501,7 +504,7 @@ def plan_memory(s: Settings, counts: Counts, act: ActivationBytes, device: Devic
     rt = runtime if runtime is not None else runtime_bytes(device)
     start = 0.0
     if device.kind == "cpu" and s.init_from:
-        start = rt + 2 * counts.total * p_bytes + (teacher if s.online_teacher else 0.0)
+        start = rt + 2 * counts.total_bytes + (teacher if s.online_teacher else 0.0)
     return Plan(batch_size=B, tokens=tokens, weights=weights, gathered=gathered, gradients=gradients, optimizer=optimizer,
                 teacher=teacher, activations=activations, logits=logits, runtime=rt, start=start)
 

@@ -6,7 +6,8 @@ every global batch; with `--devices 1` a single process takes both micro-batches
 accumulates them into one optimiser step (`accumulate_grad_batches=2`). Both average the two gradients,
 so their losses and weights must agree to float tolerance. Each run trains two epochs over the list,
 writes a checkpoint after each epoch (sharded with `--sharded`) and one JSON line per training batch
-(`losses.rank{R}.jsonl`: epoch, batch, step, keys, loss). `--resume` continues from a checkpoint.
+(`losses.rank{R}.jsonl`: epoch, batch, step, keys, loss). `--resume` continues from a checkpoint;
+`--predict` then generates an answer per sample (`predictions.rank{R}.json`).
 Lightning starts the second FSDP2 rank by running this module again.
 """
 
@@ -65,6 +66,8 @@ class ListBatches(L.LightningDataModule):
         mine = self.batches[rank::world]
         return DataLoader(mine, batch_size=None, shuffle=False, collate_fn=lambda b: b)
 
+    predict_dataloader = train_dataloader
+
 
 class LossRecorder(L.Callback):
     def __init__(self, out: Path):
@@ -87,6 +90,7 @@ def main() -> None:
     ap.add_argument("--teacher", default=None, help="the online teacher's checkpoint (stages 2 and 3)")
     ap.add_argument("--sharded", action="store_true", help="FSDP2: sharded checkpoint folders")
     ap.add_argument("--resume", default=None, help="checkpoint to continue from")
+    ap.add_argument("--predict", action="store_true", help="then generate an answer for every sample of this rank")
     args = ap.parse_args()
 
     from mmlatent.model.presets import preset
@@ -111,7 +115,11 @@ def main() -> None:
                                                        save_top_k=-1, every_n_epochs=1),
                    LossRecorder(args.out)],
     )
-    trainer.fit(module, datamodule=ListBatches(batches), ckpt_path=args.resume)
+    data = ListBatches(batches)
+    trainer.fit(module, datamodule=data, ckpt_path=args.resume)
+    if args.predict:  # ranks decode different numbers of steps (FSDP2: every unit gathered meanwhile)
+        answers = [a for batch in trainer.predict(module, datamodule=data) for a in batch]
+        (args.out / f"predictions.rank{trainer.global_rank}.json").write_text(json.dumps(answers))
 
 
 if __name__ == "__main__":

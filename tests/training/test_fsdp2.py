@@ -3,7 +3,8 @@
 the tiny-demo model, against a single process on the same global batches (`fsdp_run.py`):
 - the losses of every micro-batch agree to float tolerance, and so do the weights after four steps;
 - a sharded checkpoint resumes bit-identically (stage 2);
-- a sharded stage-3 checkpoint exports to the same folder the single-process run writes.
+- a sharded stage-3 checkpoint exports to the same folder the single-process run writes;
+- each rank generates answers for its own samples (decoding different numbers of steps).
 Plus the strategy's own behaviour: `--trainer.strategy=fsdp2` through `mmlatent fit`, and its one-line
 refusal of Lightning's tensor-parallel mesh."""
 
@@ -72,7 +73,7 @@ def runs(tmp_path_factory):
     synthesize(data, SynthConfig(), train=16, val=4, seed=5, samples_per_shard=8, progress=False)
     out: dict[str, Path] = {}
     previous: list[str] = []
-    for stage, sharded in (("stage1", []), ("stage2", ["--sharded"]), ("stage3", ["--sharded"])):
+    for stage, sharded in (("stage1", []), ("stage2", ["--sharded"]), ("stage3", ["--sharded", "--predict"])):
         out[f"{stage}-single"] = train(root / f"{stage}-single", stage, 1, data, *previous)
         out[stage] = train(root / stage, stage, 2, data, *previous, *sharded)
         ckpt = str(out[f"{stage}-single"] / "ckpt" / "epoch=1.ckpt")
@@ -86,6 +87,15 @@ def test_fsdp2_trains_like_one_process_on_the_same_global_batches(runs, stage):
     assert_same_training(runs[stage], runs[f"{stage}-single"])
     sharded = stage != "stage1"
     assert (runs[stage] / "ckpt" / "epoch=1.ckpt").is_dir() == sharded  # stage 1 consolidated, later ones sharded
+
+
+def test_each_rank_generates_its_own_answers_under_fsdp2(runs):
+    """Generation decodes a different number of steps on each rank; with every unit gathered it needs no
+    collective per step, so both ranks finish (after stage 3's training, in the same processes)."""
+    for rank in (0, 1):
+        answers = json.loads((runs["stage3"] / f"predictions.rank{rank}.json").read_text())
+        keys = [k for line in losses(runs["stage3"], rank) if line["epoch"] == 0 for k in line["keys"]]
+        assert [a["key"] for a in answers] == keys and all(a["positions"] > 0 for a in answers)
 
 
 def test_sharded_checkpoint_resumes_bit_identically(runs, tmp_path):

@@ -120,8 +120,7 @@ class Settings:
 
     @property
     def checkpointing(self) -> bool:
-        native = self.vlm.backbone != "composed" and self.vlm.native.gradient_checkpointing
-        return native or self.acceleration.gradient_checkpointing
+        return self.acceleration.gradient_checkpointing
 
     @property
     def master_dtype(self) -> str:

@@ -53,7 +53,7 @@ def test_what_each_setting_moves(qwen_counts):
     assert sharded.optimizer == pytest.approx(2 * qwen_counts.trainable * 4 / 8)
     one = plan_memory(s, qwen_counts, PROBE, Device(memory_gib=80, count=1), seq_len=1024)
     assert one.weights == pytest.approx(8 * sharded.weights)
-    s_plain = settings_of(read_recipe([f"{QWEN}/stage1.yaml"], ["--model.vlm.native.gradient_checkpointing=false"]))
+    s_plain = settings_of(read_recipe([f"{QWEN}/stage1.yaml"], ["--model.acceleration.gradient_checkpointing=false"]))
     plain = plan_memory(s_plain, qwen_counts, PROBE, device, seq_len=1024)
     assert plain.activations > 10 * sharded.activations  # checkpointing keeps the layer inputs only
     online = plan_memory(settings_of(read_recipe([f"{QWEN}/stage2.yaml"])), qwen_counts, PROBE, device, seq_len=1024)

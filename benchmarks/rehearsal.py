@@ -184,7 +184,7 @@ def generate_check(export: str) -> None:
     sys.exit(0 if answer.latent_steps >= 1 else 1)
 
 
-def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: float, runtime: int) -> dict:
+def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: float, runtime: int, keep: bool = False) -> dict:
     from mmlatent.data.layout_samples import LayoutConfig, write_layout_shards
     from mmlatent.model.architectures import write_random_model
     from mmlatent.tokens import synthetic_tokenizer_dir
@@ -238,6 +238,8 @@ def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: floa
             "plan_gib": pred["row"],
         }
         result["parameters"] = pred["parameters"]
+        if stage == "stage2" and not keep:  # stage 1's checkpoint is read no more (stage 3 starts from stage 2's)
+            shutil.rmtree(cwd / "runs" / flag.recipes / "stage1", ignore_errors=True)
     stage3 = stage_args(flag, "stage3", folder, logs / "probe-resume.jsonl", layers)
     # last.ckpt was written when training stopped; Lightning resumes such a checkpoint at the next epoch
     resumed = run("resume", mmlatent("fit", "-c", stage3[0][0], *stage3[1], f"--trainer.max_steps={STEPS + 1}",
@@ -280,7 +282,7 @@ def main() -> None:
     layers = {"text": args.text_layers, "vision": args.vision_layers}
     for name in args.models:
         t = time.perf_counter()
-        res = rehearse(name, FLAGSHIPS[name], args.work, layers, args.headroom_gib, runtime)
+        res = rehearse(name, FLAGSHIPS[name], args.work, layers, args.headroom_gib, runtime, args.keep)
         res["minutes"] = round((time.perf_counter() - t) / 60, 1)
         results.append(res)
         stages = res["stages"]

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mmlatent.atomic import write_json
 from mmlatent.data.shard_writer import RawSample, WriteStats, write_shards
+from mmlatent.data.shards import MANIFEST
 
 WORDS = "the region shows a small object next to the marked line so we look closer at it and compare".split()
 
@@ -75,7 +77,11 @@ def layout_sample(key: str, cfg: LayoutConfig, seed: int) -> RawSample:
 def write_layout_shards(out: str | Path, n: int, cfg: LayoutConfig | None = None, seed: int = 0,
                         samples_per_shard: int = 4, name: str = "layout") -> WriteStats:
     """Write `n` layout samples (keys `{name}-00000000`, …; give each split its own `name`, as a teacher cache
-    is keyed by sample key across splits) as shards into `out` (JPEG images, as converted)."""
+    is keyed by sample key across splits) as shards into `out` (JPEG images, as converted), then the
+    `manifest.json` that marks the set complete (the data module reads no partial set)."""
     cfg = cfg or LayoutConfig()
     samples = (layout_sample(f"{name}-{i:08d}", cfg, seed + i) for i in range(n))
-    return write_shards(samples, out, samples_per_shard=samples_per_shard, image_format="jpeg", progress=False)
+    stats = write_shards(samples, out, samples_per_shard=samples_per_shard, image_format="jpeg", progress=False)
+    write_json(Path(out) / MANIFEST, {"written": stats.written, "skipped": dict(sorted(stats.skipped.items())),
+                                      "shards": [Path(s).relative_to(out).as_posix() for s in stats.shards]})
+    return stats

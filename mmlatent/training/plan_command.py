@@ -16,6 +16,10 @@ from mmlatent.training.memory_plan import (
 )
 
 
+_MEASURED: dict[str, tuple] = {}
+"""(counts, activation probe) per model configuration, for a process that plans many rows (README's table)."""
+
+
 def plan_recipe(configs: list[str], overrides: list[str], device: Device, seq_len: int | None = None) -> dict:
     """The prediction for a recipe on `device`: the plan at its micro-batch and the largest that fits."""
     tree = read_recipe(configs, overrides)
@@ -24,8 +28,10 @@ def plan_recipe(configs: list[str], overrides: list[str], device: Device, seq_le
         s.devices = device.count
         if device.count == 1 and s.strategy == "ddp":
             s.strategy = "single"
-    counts = count_parameters(s.vlm)
-    act = activation_probe(s.vlm, s.compute_dtype)
+    key = repr((s.vlm, s.compute_dtype))
+    if key not in _MEASURED:
+        _MEASURED[key] = count_parameters(s.vlm), activation_probe(s.vlm, s.compute_dtype)
+    counts, act = _MEASURED[key]
     plan = plan_memory(s, counts, act, device, seq_len)
     return {
         "recipe": configs[-1], "overrides": list(overrides), "device": f"{device.count}x{device.memory_gib:g}GiB {device.kind}",

@@ -359,6 +359,10 @@ def _small_lm(vlm: ModelConfig, layers: int, dtype: torch.dtype) -> nn.Module:
     text.num_hidden_layers, text.vocab_size = layers, 64
     if hasattr(text, "max_window_layers"):
         text.max_window_layers = layers
+    if getattr(text, "layer_types", None):  # one entry per layer (the stored config may be cut to fewer)
+        text.layer_types = [text.layer_types[0]] * layers
+    if (getattr(text, "pad_token_id", None) or 0) >= 64:  # LLaVA's padding row lies beyond the small vocabulary
+        text.pad_token_id = None
     vision = getattr(cfg, "vision_config", None)
     if vision is not None:
         for key in ("depth", "num_hidden_layers"):

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-harness demo benchmarks clean
+.PHONY: setup test test-harness test-scale demo benchmarks clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ $(HARNESS_STAMP): $(STAMP)
 
 test-harness: $(HARNESS_STAMP)
 	$(BIN)/python -m pytest -q -m harness
+
+# Every recipe under train/configs at its real shapes (one step per stage) and FSDP2 on two processes
+# against one: too long for `make test`'s 15 minutes, so CI runs them as a third command.
+test-scale: setup
+	$(BIN)/python -m pytest -q -m "recipes or fsdp2"
 
 demo: setup
 	$(BIN)/python -m mmlatent.demo --out runs/demo

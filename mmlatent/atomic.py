@@ -8,6 +8,7 @@ also fsyncs the file and, after the rename, its folder, so the new name survives
 shards); cheap metadata skips that cost.
 
 - `atomic_path(path)`: a temporary path to write however one likes (torch.save, safetensors, tar), then moved.
+- `write_stream`: a writer function given the open temporary file (`torch.save` of a checkpoint).
 - `write_bytes` / `write_text` / `write_json`: the common cases on top of it (`write_json` is stable:
   sorted keys, two-space indent, UTF-8, final newline).
 - `AtomicFile`: an open temporary file committed or aborted later (a shard written sample by sample).
@@ -28,7 +29,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator, Literal
+from typing import IO, Any, Callable, Iterator, Literal
 
 
 _NO_SPACE = os.strerror(errno.ENOSPC)
@@ -104,11 +105,17 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
         tmp.unlink(missing_ok=True)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> None:
-    """Write `data` to `path` so that `path` is never seen half-written."""
+def write_stream(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], durable: bool = False) -> None:
+    """Call `write(f)` on a binary file that becomes `path` when it returns (a large object streamed out
+    without a copy in memory, e.g. `torch.save`)."""
     with atomic_path(path, durable=durable) as tmp:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> None:
+    """Write `data` to `path` so that `path` is never seen half-written."""
+    write_stream(path, lambda f: f.write(data), durable=durable)
 
 
 def write_text(path: str | os.PathLike, text: str, durable: bool = False) -> None:

@@ -42,6 +42,7 @@ commands:
   teacher    precompute a distillation stage's teacher states (`--stage stage2|stage3`)
   eval       score a model on MMMU / ScienceQA: mmlatent eval --task mmmu --data MMMU/MMMU --model CKPT --output OUT
   export     write a Hub-ready folder from a checkpoint: mmlatent export CKPT OUT_DIR [--push-to-hub REPO]
+  plan       predict a recipe's memory per GPU: mmlatent plan -c RECIPE --gpu-memory 80 --gpus 8
 
 Run `mmlatent COMMAND --help` for a command's options.
 """
@@ -103,6 +104,11 @@ class MMLatentCLI(LightningCLI):
         except READ_ERRORS as err:
             raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), err) from err
 
+    def before_instantiate_classes(self) -> None:
+        """A GPU recipe on a machine without one stops here, in one line, before any model is built."""
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        check_accelerator(cfg.get("trainer", {}).get("accelerator"))
+
     def parse_arguments(self, parser, args) -> None:
         subcommand = args[0] if args else None
         parsers = [parser, *getattr(parser._subcommands_action, "_name_parser_map", {}).values()]
@@ -114,6 +120,17 @@ class MMLatentCLI(LightningCLI):
             sub = getattr(parser._subcommands_action, "_name_parser_map", {}).get(subcommand, parser)
             print(explain(str(err), self._args, list(sub.get_defaults().keys()), subcommand), file=sys.stderr)
             sys.exit(2)
+
+
+def check_accelerator(accelerator) -> None:
+    """Raise `ConfigError` when `trainer.accelerator` asks for a GPU this machine does not have."""
+    import torch
+
+    if isinstance(accelerator, str) and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: this machine has no CUDA GPU; to run on its CPU: "
+            f"--trainer.accelerator=cpu --trainer.devices=1 --trainer.strategy=auto"
+        )
 
 
 def config_sources(args: list[str]) -> list[tuple[str, dict]]:
@@ -232,6 +249,10 @@ def _dispatch(argv: list[str]) -> int:
         from mmlatent.hub.export import main as export_main
 
         return export_main(rest)
+    if command == "plan":
+        from mmlatent.training.plan_command import main as plan_main
+
+        return plan_main(rest)
     if command == "eval":
         from mmlatent.evaluation.command import main as eval_main
 

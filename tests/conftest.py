@@ -8,7 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (first import here: see below)
 import pytest
+
+# Lightning's logger gets a StreamHandler on `sys.stderr` at its first import. Imported first inside a test
+# that captures output (capsys), the handler would keep that test's stream, closed once it ends, and every
+# later Lightning log line would print a "--- Logging error ---" traceback into other tests' stderr.
 
 REPO = Path(__file__).resolve().parents[1]
 

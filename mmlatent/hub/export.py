@@ -1,7 +1,8 @@
 """`mmlatent export CKPT OUT_DIR`: a Lightning checkpoint to a Hub-ready folder, optionally pushed.
 
-The checkpoint is read with `LatentVLMModule.load_from_checkpoint(..., weights_only=True)` (no pickle of
-arbitrary objects: hyper-parameters are plain dicts). The folder gets the model files of
+The checkpoint (a `.ckpt` file or a sharded FSDP2 checkpoint folder) is read with
+`checkpoint_reader.load_module` (`torch.load(weights_only=True)`: no pickle of arbitrary objects;
+hyper-parameters are plain dicts). The folder gets the model files of
 `mmlatent.model.serialization` (config, safetensors weights, LM folder, tokenizer, image transform), the
 module's decoding settings as `generation_config.json`, the training settings under `training/` (the
 checkpoint's `hparams.json` and copies of the stage YAML configs given with `--stage-configs`, so all three
@@ -76,10 +77,10 @@ def export_checkpoint(
         revision: Branch to push to (created if missing).
         token: Hub token (default: HF_TOKEN or the login cache).
     """
-    from mmlatent.training.module import LatentVLMModule  # Lightning only when exporting
+    from mmlatent.training.checkpoint_reader import load_module  # Lightning only when exporting
 
     out = Path(out_dir)
-    if "://" not in str(ckpt) and not Path(ckpt).is_file():
+    if "://" not in str(ckpt) and not Path(ckpt).exists():
         raise FileNotFoundError(f"checkpoint {ckpt}: no such file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
@@ -91,7 +92,7 @@ def export_checkpoint(
     if info.model_name is None:
         info = dataclasses.replace(info, model_name=push_to_hub.split("/")[-1] if push_to_hub else out.resolve().name)
 
-    module = LatentVLMModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    module = load_module(ckpt)  # a .ckpt file or a sharded checkpoint folder
     model = module.model.eval()
     hparams = json.loads(json.dumps(dict(module.hparams)))  # plain JSON types (tuples become lists)
     with atomic_folder(out, if_exists="replace" if overwrite else "error") as tmp:

@@ -14,6 +14,11 @@ latent computed from pass t-1's hidden states, all slots at once. The prefix is 
 is cut back to it after each pass; refinement passes stop at the last slot column (only the states that
 feed slots are needed), and the final pass runs the whole suffix.
 
+`min_forwards` cuts text segments into more forwards (exact: the KV cache carries what came before), so
+that every rank of a sharded run calls each decoder layer as often as the busiest rank does (FSDP2
+gathers a layer's parameters at each call, a collective every rank must join); `planned_forwards` says
+how many a batch needs on its own.
+
 `reference_latent_forward` recomputes the full prefix for every slot (what Coconut does); it exists for
 parity tests and benchmarks.
 """
@@ -82,6 +87,38 @@ def _cat_outputs(outs: list[LMOutput], with_hidden: bool) -> tuple[Tensor, tuple
     return last, tuple(torch.cat(list(h), dim=1) for h in layers)  # each (B, L, D)
 
 
+def planned_forwards(model: LatentVLM, input_ids: Tensor, schedule: Literal["sequential", "jacobi"] | None = None) -> int:
+    """LM forwards `latent_forward` makes over this batch without `min_forwards`."""
+    cols = int((input_ids == model.ids.latent).any(0).sum())
+    if not cols:
+        return 1
+    return 1 + model.cfg.latent.jacobi_iterations if (schedule or model.cfg.latent.schedule) == "jacobi" else 1 + cols
+
+
+def _split(bounds: list[int], n: int) -> list[int]:
+    """Segment boundaries [0, ..., L] with extra cuts (halving the widest segment) until there are `n` segments."""
+    bounds = list(bounds)
+    while len(bounds) - 1 < n:
+        widths = [b - a for a, b in zip(bounds, bounds[1:])]
+        i = max(range(len(widths)), key=widths.__getitem__)
+        if widths[i] < 2:
+            raise ValueError(f"latent loop: {n} LM forwards asked (min_forwards) over a batch of only {bounds[-1]} columns")
+        bounds.insert(i + 1, bounds[i] + widths[i] // 2)
+    return bounds
+
+
+def _run_pieces(model, x, attention_mask, position_ids, bounds, cache, with_hidden) -> list[LMOutput]:
+    """Forwards over consecutive column ranges of x (B, L', D), whose columns start at bounds[0], on one cache."""
+    start = bounds[0]
+    return [
+        model.backbone.forward_lm(
+            x[:, a - start : b - start], _rows_mask(attention_mask, a, b), position_ids[:, a:b], cache=cache,
+            output_hidden_states=with_hidden, logits=False,
+        )
+        for a, b in zip(bounds, bounds[1:])
+    ]
+
+
 def latent_forward(
     model: LatentVLM,
     input_ids: Tensor,
@@ -91,6 +128,7 @@ def latent_forward(
     output_hidden_states: bool = False,
     schedule: Literal["sequential", "jacobi"] | None = None,
     prompt_end: Tensor | None = None,
+    min_forwards: int = 0,
 ) -> LatentForward:
     """Teacher-forced forward in which every `<|latent|>` slot is fed the model's own latent vector.
 
@@ -98,7 +136,8 @@ def latent_forward(
     position_ids (B, L); pixel_values (N_img, 3, H, W) for the image tokens. prompt_end (B,): the column
     where each sample's prompt ends; the LQ-Former's thoughts then look only at the prompt's images, as
     they must when generating, where no image follows the prompt (training passes it, so a stage-2 thought
-    cannot read the aux image it stands beside); None: every image before the slot.
+    cannot read the aux image it stands beside); None: every image before the slot. min_forwards: make at
+    least this many LM forwards (text segments cut into pieces; the result is the same).
     """
     schedule = schedule or model.cfg.latent.schedule
     embeds = model.embed_inputs(input_ids, pixel_values)  # (B, L, D)
@@ -108,11 +147,16 @@ def latent_forward(
         raise ValueError("a latent slot at position 0 has no previous hidden state")
     visual = model.visual_context(input_ids, embeds, prompt_end) if model.lq_former is not None else None
     if not cols:
-        out = model.backbone.forward_lm(embeds, attention_mask, position_ids, output_hidden_states=output_hidden_states)
         empty = embeds.new_zeros(0, embeds.shape[-1])
-        return LatentForward(out.logits, out.last_hidden, out.hidden_states, latent_mask, empty, None, None, 1, embeds)
+        if min_forwards <= 1:
+            out = model.backbone.forward_lm(embeds, attention_mask, position_ids, output_hidden_states=output_hidden_states)
+            return LatentForward(out.logits, out.last_hidden, out.hidden_states, latent_mask, empty, None, None, 1, embeds)
+        bounds = _split([0, embeds.shape[1]], min_forwards)
+        outs = _run_pieces(model, embeds, attention_mask, position_ids, bounds, model.backbone.new_cache(), output_hidden_states)
+        last, hidden = _cat_outputs(outs, output_hidden_states)
+        return LatentForward(model.backbone.lm_head(last), last, hidden, latent_mask, empty, None, None, len(outs), embeds)
     run = _jacobi if schedule == "jacobi" else _sequential
-    out = run(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, output_hidden_states)
+    out = run(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, output_hidden_states, min_forwards)
     out.inputs_embeds = embeds
     return out
 
@@ -125,14 +169,16 @@ def _step(model: LatentVLM, h: Tensor, rows: Tensor, cols: Tensor, visual: Visua
     return model.latent_step(h, tokens, mask)
 
 
-def _sequential(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, with_hidden) -> LatentForward:
+def _sequential(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, with_hidden, min_forwards=0) -> LatentForward:
     L = embeds.shape[1]
     cache = model.backbone.new_cache()
     outs: list[LMOutput] = []
     fed: dict[tuple[int, int], tuple] = {}  # (row, col) -> (vector, selected, relevance)
-    for a, b in zip([0, *cols], [*cols, L]):  # the prefix, then one segment per slot column
+    slot_cols = set(cols)
+    bounds = _split([0, *cols, L], min_forwards)  # the prefix, then one segment per slot column (or more)
+    for a, b in zip(bounds, bounds[1:]):
         x = embeds[:, a:b]  # (B, b-a, D)
-        if a > 0:  # this segment starts at a slot column: feed the slots from the state at a-1
+        if a in slot_cols:  # this segment starts at a slot column: feed the slots from the state at a-1
             rows = _slot_rows(latent_mask, a)
             h_prev = outs[-1].last_hidden[rows, -1]  # (n, D)
             step = _step(model, h_prev, rows, torch.full_like(rows, a), visual)
@@ -160,7 +206,7 @@ def _sequential(model, embeds, attention_mask, position_ids, latent_mask, cols, 
     )
 
 
-def _jacobi(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, with_hidden) -> LatentForward:
+def _jacobi(model, embeds, attention_mask, position_ids, latent_mask, cols, visual, with_hidden, min_forwards=0) -> LatentForward:
     B, L, D = embeds.shape
     p0, p1 = cols[0], cols[-1]  # first and last slot columns
     cache = model.backbone.new_cache()
@@ -184,12 +230,10 @@ def _jacobi(model, embeds, attention_mask, position_ids, latent_mask, cols, visu
         full = torch.zeros_like(x)
         full[rows, rel_cols] = step.vector.to(x.dtype)
         x = torch.where(suffix_mask[..., None], full, embeds[:, p0:])
-    # the final pass runs the whole suffix with the refined slots
-    out = model.backbone.forward_lm(
-        x, _rows_mask(attention_mask, p0, L), position_ids[:, p0:], cache=cache,
-        output_hidden_states=with_hidden, logits=False,
-    )
-    last, hidden = _cat_outputs([prefix, out], with_hidden)
+    # the final pass runs the whole suffix with the refined slots (in pieces when more forwards are asked)
+    pieces = _split([p0, L], min_forwards - iterations)
+    outs = _run_pieces(model, x, attention_mask, position_ids, pieces, cache, with_hidden)
+    last, hidden = _cat_outputs([prefix, *outs], with_hidden)
     vectors = x[suffix_mask] if step is not None else embeds[:, p0:][suffix_mask]
     return LatentForward(
         logits=model.backbone.lm_head(last),
@@ -199,7 +243,7 @@ def _jacobi(model, embeds, attention_mask, position_ids, latent_mask, cols, visu
         latent_vectors=vectors,
         selected=step.indices if step is not None else None,
         relevance=step.relevance if step is not None else None,
-        forwards=1 + iterations,
+        forwards=iterations + len(outs),
     )
 
 

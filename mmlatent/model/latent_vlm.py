@@ -142,17 +142,22 @@ class LatentVLM(nn.Module):
         self, h: Tensor, visual: Tensor | None = None, visual_mask: Tensor | None = None, mc: RowDropout | None = None
     ) -> LatentStep:
         """Hidden states at p-1 (n, D) -> inputs for slots p (n, D), in the configured mode. `mc`: MC dropout
-        in the LQ-Former (thought mode; the sketch head has no dropout)."""
+        in the LQ-Former (thought mode; the sketch head has no dropout).
+
+        The latent modules compute in their own dtype (fp32 beside a bf16 backbone, when no autocast is on:
+        a teacher pass, generation) and hand back vectors in the hidden states' dtype."""
+        head = self.sketch_head if self.lq_former is None else self.lq_former
+        dtype = next(head.parameters(), h).dtype
         if self.lq_former is None:
             if mc is not None:
                 raise ValueError("MC dropout (latent_noise='mc_dropout') acts on the LQ-Former's dropout: thought mode "
                                  "only; sketch mode has none (use latent_noise 'gaussian' or 'dropout')")
-            return LatentStep(vector=self.sketch_head(h), indices=None, relevance=None)
+            return LatentStep(vector=self.sketch_head(h.to(dtype)).to(h.dtype), indices=None, relevance=None)
         if visual is None:  # no image at all: an empty context
             visual = h.new_zeros(h.shape[0], 1, h.shape[-1])
             visual_mask = torch.zeros(h.shape[0], 1, dtype=torch.bool, device=h.device)
-        thought = self.lq_former(h, visual.to(h.dtype), visual_mask, mc)
-        return LatentStep(vector=thought.vector, indices=thought.indices, relevance=thought.relevance)
+        thought = self.lq_former(h.to(dtype), visual.to(dtype), visual_mask, mc)
+        return LatentStep(vector=thought.vector.to(h.dtype), indices=thought.indices, relevance=thought.relevance)
 
     @torch.no_grad()
     def grounding_targets(self, aux_pixel_values: Tensor) -> Tensor:

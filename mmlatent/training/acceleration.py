@@ -1,7 +1,7 @@
-"""Speed and memory switches of a training run: gradient checkpointing, torch.compile, FSDP wrapping.
+"""Speed and memory switches of a training run: gradient checkpointing, torch.compile, DDP's defaults.
 
 Mixed precision and the parallel strategy are the Trainer's (`precision: bf16-mixed`, `strategy: ddp` or
-`fsdp`); what belongs to the model is here, applied by the Lightning module's `configure_model` hook
+`fsdp2`, mmlatent's FSDP2 in `fsdp.py`); what belongs to the model is here, applied by the Lightning module's `configure_model` hook
 (before DDP/FSDP wrap the model, and never when a checkpoint is merely loaded for evaluation or export).
 
 - *Gradient checkpointing* recomputes each LM decoder layer in the backward pass instead of storing its
@@ -14,9 +14,8 @@ Mixed precision and the parallel strategy are the Trainer's (`precision: bf16-mi
   checkpoints, do not change, and the latent loop's Python control flow (per-slot forwards, masks) stays
   eager around compiled layers. The first steps pay the compilation; sequence lengths vary, so shapes are
   compiled as dynamic after the first recompile.
-- *FSDP*: `transformer_layer_policy` wraps every transformers layer (decoder and vision layers) in its own
-  FSDP unit: `--trainer.strategy=lightning.pytorch.strategies.FSDPStrategy
-  --trainer.strategy.auto_wrap_policy=mmlatent.training.acceleration.transformer_layer_policy`.
+- *Sharding* is FSDP2 (`fsdp.py`), which runs on CPUs and GPUs alike; Lightning's FSDP1 `FSDPStrategy` refuses
+  a CPU accelerator and is not used.
 - *DDP*: a stage never reaches some modules (stage 1 never runs the LQ-Former; a batch without latent
   blocks skips it in stages 2 and 3), so `prepare_ddp` turns on DDP's `find_unused_parameters` unless
   the strategy sets it; pass `ddp_find_unused_parameters_false` to trade that safety for the graph walk.
@@ -29,7 +28,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +83,3 @@ def prepare_ddp(strategy) -> None:
         kwargs = getattr(strategy, "_ddp_kwargs", None)
         if isinstance(kwargs, dict) and "find_unused_parameters" not in kwargs:
             kwargs["find_unused_parameters"] = True
-
-
-def transformer_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-    """FSDP `auto_wrap_policy`: one FSDP unit per transformers layer (decoder and vision layers)."""
-    return recurse or isinstance(module, GradientCheckpointingLayer)

@@ -47,15 +47,27 @@ def checkpoint_error(path: str | Path, err: BaseException) -> CheckpointError:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict, with a clear error when the file is missing, unreadable or not a Lightning
-    checkpoint."""
+    """The checkpoint dict (a file, or a sharded checkpoint folder consolidated), with a clear error when it is
+    missing, unreadable or not a Lightning checkpoint."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
+
+        if not (path / _METADATA_FILENAME).is_file():
+            raise ValueError(f"{path} is a folder but not a sharded Lightning checkpoint (no {_METADATA_FILENAME})")
+        ckpt = _load_distributed_checkpoint(path)
+    elif not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except READ_ERRORS as err:
-        raise checkpoint_error(path, err) from err
+    else:
+        try:
+            try:  # memory-mapped: a multi-GB checkpoint is not read whole to take a few tensors
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap can only be used" not in str(err):
+                    raise
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy format, empty or damaged
+        except READ_ERRORS as err:
+            raise checkpoint_error(path, err) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{path} is not an mmlatent Lightning checkpoint (no state_dict/hyper_parameters)")
     return ckpt
@@ -72,6 +84,19 @@ def load_model(path: str | Path) -> LatentVLM:
     model = LatentVLM(from_dict(ModelConfig, ckpt["hyper_parameters"]["vlm"]))
     model.load_state_dict(model_state(ckpt), strict=True)
     return model.eval()
+
+
+def load_module(path: str | Path):
+    """The `LatentVLMModule` a checkpoint (file or sharded folder) holds, built from its hyper-parameters; a
+    remote URL (`s3://…`) goes through Lightning's loader."""
+    from mmlatent.training.module import LatentVLMModule
+
+    if "://" in str(path):
+        return LatentVLMModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
+    module = LatentVLMModule(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    return module
 
 
 def init_weights(model: LatentVLM, path: str | Path) -> list[str]:

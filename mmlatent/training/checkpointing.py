@@ -2,7 +2,7 @@
 `last.ckpt` that is always the run's latest state (`LatestCheckpoint`, below).
 
 `AtomicCheckpointIO` is Lightning's `TorchCheckpointIO` with a different `save_checkpoint`: it writes the
-checkpoint durably and atomically through `mmlatent.atomic.write_bytes` (a hidden temporary file in the
+checkpoint durably and atomically through `mmlatent.atomic.write_stream` (a hidden temporary file in the
 same folder, fsynced, renamed over the target, the folder fsynced so the rename survives a power cut). A write that fails partway (disk full, a killed process, a bad object)
 leaves the previous checkpoint untouched and removes its temporary file, so `--ckpt_path=last` always
 finds the last good state. Lightning's own writer streams into the target path (through an fsspec
@@ -11,8 +11,8 @@ truncated `last.ckpt`. Loading uses `weights_only=True` (DESIGN §5): every obje
 checkpoint is a tensor, a number, a string or a container of those; a file it cannot read stops the run
 at start with one line naming it (`checkpoint_reader.CheckpointError`).
 
-The trade-off: the checkpoint is serialised in memory first (as Lightning does) and needs room for a
-second copy on disk while it is written; remote paths (`s3://…`) fall back to Lightning's writer, which
+The trade-off: the new checkpoint needs room on disk beside the old one while it is written (it is
+streamed there, never held a second time in memory, unlike Lightning's writer); remote paths (`s3://…`) fall back to Lightning's writer, which
 uploads the object in one request (object stores do not expose half-written objects).
 
 Use it with `--trainer.plugins=mmlatent.training.checkpointing.AtomicCheckpointIO` (the `mmlatent` CLI
@@ -22,7 +22,6 @@ sets it by default). Sharded FSDP checkpoints (`state_dict_type="sharded"`) are 
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mmlatent.atomic import write_bytes
+from mmlatent.atomic import write_stream
 from mmlatent.training.checkpoint_reader import READ_ERRORS, checkpoint_error
 
 log = logging.getLogger(__name__)
@@ -49,9 +48,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
         if "://" in str(path):  # object stores: Lightning's writer (one upload, never half-visible)
             return super().save_checkpoint(checkpoint, path)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        write_bytes(path, buffer.getvalue(), durable=True)
+        write_stream(path, lambda f: torch.save(checkpoint, f), durable=True)  # streamed: no second copy in memory
 
     def load_checkpoint(self, path, map_location: Any = _to_storage, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's loader with `weights_only=True` unless the caller says otherwise; an unreadable file

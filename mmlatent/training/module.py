@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import asdict
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 import torch
 from torch import Tensor
 
@@ -36,6 +37,7 @@ from mmlatent.model.presets import preset
 from mmlatent.training.acceleration import AccelerationConfig, apply_acceleration, prepare_ddp
 from mmlatent.training.checkpoint_reader import init_weights
 from mmlatent.training.fault import FaultConfig, StepGuard
+from mmlatent.training.fsdp import FSDP2Strategy, call_through_root, gathered, is_sharded
 from mmlatent.training.optim import OptimConfig, build_optimizer
 from mmlatent.training.resume import gather_rng_states, set_rng_state
 from mmlatent.training.resume_check import check_resume
@@ -125,12 +127,21 @@ class LatentVLMModule(L.LightningModule):
         self.stage.check_sample_keys(self.model, keys)
 
     def configure_model(self) -> None:
-        """Before the strategy wraps the model: DDP defaults, gradient checkpointing, torch.compile (once)."""
-        if self._trainer is not None:
-            prepare_ddp(self.trainer.strategy)
+        """Before the strategy wraps the model: DDP defaults, gradient checkpointing, torch.compile (once),
+        then FSDP2's sharding under `FSDP2Strategy` (once)."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None:
+            prepare_ddp(strategy)
         if not self._accelerated:
             apply_acceleration(self.model, self.accel_cfg, trains_with_kv_cache=self.stage.trains_latent_blocks)
             self._accelerated = True
+        if isinstance(strategy, ModelParallelStrategy) and not is_sharded(self.model):
+            if not isinstance(strategy, FSDP2Strategy):
+                raise ValueError(
+                    "trainer.strategy: mmlatent shards with FSDP2 only (no tensor parallelism); use "
+                    "mmlatent.training.fsdp.FSDP2Strategy instead of Lightning's ModelParallelStrategy"
+                )
+            strategy.shard(self.model)
 
     def on_fit_start(self) -> None:
         self.stage.to(self.device)
@@ -151,9 +162,12 @@ class LatentVLMModule(L.LightningModule):
         if summary.message():
             log.warning("%s epoch %d: %s", split, self.current_epoch, summary.message())
 
-    def _step(self, batch: Batch, prefix: str) -> Tensor:
+    def _forward_and_losses(self, batch: Batch):
         out = self.stage.forward(self.model, batch)
-        losses = self.stage.losses(self.model, batch, out)
+        return out, self.stage.losses(self.model, batch, out)
+
+    def _step(self, batch: Batch, prefix: str) -> Tensor:
+        out, losses = call_through_root(self.model, lambda: self._forward_and_losses(batch))
         total = torch.stack(list(losses.values())).sum()
         if batch.filler:  # a stand-in for a step without data (training only): run it, learn nothing, log nothing
             return total * 0.0
@@ -185,10 +199,17 @@ class LatentVLMModule(L.LightningModule):
 
     def _count_answers(self, batch: Batch) -> None:
         """Generate the batch's answers and add (right, judged) to the epoch's counts (`val_answers`)."""
-        outs = generate(self.model, batch.input_ids, batch.starts, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+        outs = self._generate(batch)
         for g, gold, choices in zip(outs, batch.answers, batch.choices):
             verdict = judge("multiple-choice" if choices else "open", choices, gold, g.text)
             self._answer_counts += torch.tensor([bool(verdict.correct), 1.0], dtype=torch.float64)
+
+    def _generate(self, batch: Batch):
+        """Decode the batch's prompts (with every FSDP2 unit gathered: ranks decode different numbers of steps)."""
+        with gathered(self.model):
+            return call_through_root(
+                self.model, lambda: generate(self.model, batch.input_ids, batch.starts, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+            )
 
     def on_validation_epoch_start(self) -> None:
         self._observation_counts = torch.zeros(2, dtype=torch.float64)
@@ -238,7 +259,7 @@ class LatentVLMModule(L.LightningModule):
         """Generate an answer for each sample's prompt (the chat up to the assistant turn)."""
         if batch.filler:
             return []
-        outs = generate(self.model, batch.input_ids, batch.starts, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+        outs = self._generate(batch)
         return [
             {"key": k, "response": g.text, "answer": a, "positions": g.positions, "latent_steps": g.latent_steps}
             for k, g, a in zip(batch.keys, outs, batch.answers)

@@ -33,8 +33,9 @@ from mmlatent.losses.alignment import cosine_alignment
 from mmlatent.losses.cross_entropy import weighted_cross_entropy
 from mmlatent.losses.selection import selection_loss
 from mmlatent.model.backbone import LMOutput
-from mmlatent.model.latent_loop import LatentForward, latent_forward
+from mmlatent.model.latent_loop import LatentForward, latent_forward, planned_forwards
 from mmlatent.model.latent_vlm import LatentVLM
+from mmlatent.training.fsdp import busiest_rank, regather_root
 from mmlatent.training.grounding import GroundingConfig, anchor_relevance, grounding_losses
 from mmlatent.training.teacher import Positions, TeacherCache, TeacherConfig, gather_states, target_positions, teacher_states
 
@@ -187,6 +188,7 @@ def latent_only_alignment(model: LatentVLM, batch: Batch, fwd: LatentForward, po
     if not torch.is_grad_enabled():  # validation: the value is all there is
         return align
     (g,) = torch.autograd.grad(align, v, allow_unused=True)
+    regather_root(model)  # under FSDP2 that backward resharded the root unit, which the rest of the step uses
     g = torch.zeros_like(v) if g is None else g
     surrogate = (fwd.latent_vectors * g.detach()).sum()
     return surrogate - surrogate.detach() + align.detach()
@@ -285,6 +287,7 @@ class _Distillation(Stage):
         return latent_forward(
             model, batch.input_ids, batch.lm_attention_mask, batch.position_ids, batch.pixel_values,
             output_hidden_states=self.align_weight > 0 and self.positions == "latent", prompt_end=batch.prompt_end,
+            min_forwards=busiest_rank(planned_forwards(model, batch.input_ids), model),  # FSDP2: as many on every rank
         )
 
     def alignment(self, model: LatentVLM, batch: Batch, fwd: LatentForward, positions: Tensor, teacher: list[Tensor]) -> Tensor:

@@ -113,3 +113,24 @@ def test_no_latent_tokens_is_a_plain_forward():
         out = latent_forward(model, ids, mask, pos, pixels)
         plain = model(ids, mask, pos, pixels)
     assert out.forwards == 1 and torch.equal(out.logits, plain.logits)
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "jacobi"])
+def test_min_forwards_cuts_text_into_more_forwards_with_the_same_result(schedule):
+    """What a sharded run asks of a rank with fewer slot columns than the busiest rank (FSDP2 gathers each
+    decoder layer at every call, so every rank must call it equally often)."""
+    from mmlatent.model.latent_loop import planned_forwards
+
+    model = tiny("thought", jacobi_iterations=3)
+    ids, mask, pos, pixels = make_batch(model)
+    no_slots = torch.where(ids == model.ids.latent, torch.full_like(ids, 42), ids)
+    with torch.no_grad():
+        for batch in (ids, no_slots):
+            plain = latent_forward(model, batch, mask, pos, pixels, schedule=schedule)
+            assert plain.forwards == planned_forwards(model, batch, schedule)
+            more = latent_forward(model, batch, mask, pos, pixels, schedule=schedule, min_forwards=plain.forwards + 5)
+            assert more.forwards == plain.forwards + 5
+            torch.testing.assert_close(more.logits[mask.bool()], plain.logits[mask.bool()], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(more.latent_vectors, plain.latent_vectors, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="LM forwards asked"):
+        latent_forward(model, ids, mask, pos, pixels, schedule=schedule, min_forwards=ids.shape[1] + 9)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from mmlatent.evaluation.protocols import SCIENCEQA_PROTOCOLS
-from mmlatent.evaluation.scienceqa_parsing import OFFICIAL_OPTIONS
+from mmlatent.scoring.protocols import SCIENCEQA_PROTOCOLS
+from mmlatent.scoring.scienceqa_parsing import OFFICIAL_OPTIONS
 
 
 def compare(results_file: str, protocol: str, problems_file: str | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""mmlatent's special tokens and where locally built artefacts live: shared by the data and model layers.
+"""mmlatent's special tokens and the label id losses ignore: shared by the data, model and loss layers.
 
 Every tokenizer (a Hub id, a local folder, or the tiny synthetic one) gets the same extra tokens: the image
 placeholder, the latent block markers and slot, the observation tags and ChatML turn markers.
@@ -6,20 +6,16 @@ placeholder, the latent block markers and slot, the observation tags and ChatML 
 chats with them (`mmlatent.chat_template`) and the model reads them, so they live here, below both:
 `mmlatent/data` and `mmlatent/model` import this module and never each other.
 
-`synthetic_tokenizer_dir` names the folder of the tiny models' tokenizer; `mmlatent.data.synthetic_tokenizer`
-builds it there (from the synthetic corpus) and the model layer loads it like any tokenizer folder.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-SYNTHETIC_TOKENIZER_VERSION = 6
-"""Bump when the synthetic corpus or the trainer settings change, so stale builds are not reused."""
+IGNORE_INDEX = -100
+"""Label value that cross-entropy ignores (prompt, images, padding)."""
 
 
 @dataclass(frozen=True)
@@ -65,16 +61,6 @@ class TokenIds:
     turn_start: int
     turn_end: int
     pad: int
-
-
-def cache_dir() -> Path:
-    """Where mmlatent keeps what it builds locally: `$MMLATENT_CACHE`, else `~/.cache/mmlatent`."""
-    return Path(os.environ.get("MMLATENT_CACHE", Path.home() / ".cache" / "mmlatent"))
-
-
-def synthetic_tokenizer_dir(vocab_size: int) -> Path:
-    """The folder the synthetic tokenizer of `vocab_size` is built into (`mmlatent.data.synthetic_tokenizer`)."""
-    return cache_dir() / f"synthetic-tokenizer-v{SYNTHETIC_TOKENIZER_VERSION}-{vocab_size}"
 
 
 def add_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

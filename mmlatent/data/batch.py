@@ -13,9 +13,8 @@ import torch
 from torch import Tensor
 
 from mmlatent.data.masks import block_attention_mask
+from mmlatent.tokens import IGNORE_INDEX
 
-IGNORE_INDEX = -100
-"""Label value that cross-entropy ignores (prompt, images, padding)."""
 
 
 @dataclass

@@ -23,10 +23,10 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from mmlatent.chat_template import TURN_END, TURN_SEPARATOR, render_turn, turn_open, with_system
-from mmlatent.data.batch import IGNORE_INDEX, Batch, ProcessedSample, collate
+from mmlatent.data.batch import Batch, ProcessedSample, collate
 from mmlatent.data.masks import observation_mask
 from mmlatent.data.sample import SampleError
-from mmlatent.tokens import token_ids
+from mmlatent.tokens import IGNORE_INDEX, token_ids
 
 
 @dataclass

@@ -36,7 +36,7 @@ from braceexpand import braceexpand
 from mmlatent.atomic import write_text
 from mmlatent.config_io import ConfigError
 from mmlatent.data.tar_reader import UnreadableShard, sample_keys
-from mmlatent.tokens import cache_dir
+from mmlatent.cache import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from typing import Iterable
 
 from mmlatent.atomic import atomic_folder
 from mmlatent.data.synthetic import SynthConfig, corpus_texts
-from mmlatent.tokens import SPECIAL, add_special_tokens, synthetic_tokenizer_dir
+from mmlatent.cache import synthetic_tokenizer_dir
+from mmlatent.tokens import SPECIAL, add_special_tokens
 
 EXTRA_TEXTS = ["user", "assistant", "system", "Question:", "Answer:", "Context:", "Options:"]
 """Chat-template words and generic text that keep the merges useful beyond the synthetic phrasing."""

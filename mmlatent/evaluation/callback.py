@@ -28,7 +28,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from mmlatent.evaluation.protocols import ProtocolName
+from mmlatent.scoring.protocols import ProtocolName
 from mmlatent.evaluation.runner import EvalConfig, generate_responses, score, summarize, write_outputs
 from mmlatent.evaluation.tasks import EvalData, load_eval_data
 from mmlatent.model.latent_vlm import LatentVLM

@@ -8,9 +8,9 @@
     mmlatent eval --task scienceqa --data DIR --responses R.jsonl --output OUT --protocol scienceqa
 
 `--model` takes a Lightning checkpoint (`.ckpt`, read by `training.checkpoint_reader` with `weights_only=True`)
-or an exported folder or Hub id (`LatentVLM.from_pretrained`). `--protocol` names the official scorer whose
-rules judge the answers (`protocols.py`). It prints the breakdown as the official scripts tabulate it; the
-last line printed is a JSON summary. Plain argparse keeps this command independent of the Lightning CLI;
+or an exported folder or Hub id (`LatentVLM.from_pretrained`). `--protocol` names the official scorer
+whose rules judge the answers (`mmlatent.scoring.protocols`). It prints the breakdown as the official
+scripts tabulate it; the last line printed is a JSON summary. Plain argparse keeps this command independent of the Lightning CLI;
 the trade-off is that its options are listed here rather than derived from the config dataclass
 (`EvalConfig` still holds their meaning).
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from mmlatent.evaluation.metrics import breakdown_table
-from mmlatent.evaluation.protocols import MMMU_PROTOCOLS, SCIENCEQA_PROTOCOLS
+from mmlatent.scoring.protocols import MMMU_PROTOCOLS, SCIENCEQA_PROTOCOLS
 from mmlatent.evaluation.runner import EvalConfig, evaluate, rescore
 from mmlatent.evaluation.tasks import TASKS, load_eval_data
 from mmlatent.model.generation import LATENT_NOISE

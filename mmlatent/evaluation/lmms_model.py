@@ -29,7 +29,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.utils import simple_parse_args_string
 from PIL import Image
 
-from mmlatent.benchmarks import IMAGE_TAG, interleave
+from mmlatent.benchmark_prompts import IMAGE_TAG, interleave
 from mmlatent.evaluation.runner import cut_at_stop
 from mmlatent.model.generation import GenerationConfig
 from mmlatent.model.interventions import INTERVENTIONS

@@ -1,6 +1,6 @@
 """MMMU (dev, validation, test): rows to questions and prompts, in the format the common harnesses use.
 
-The prompt is lmms-eval's, built by `mmlatent.benchmarks` (where the converter of MMMU training data builds
+The prompt is lmms-eval's, built by `mmlatent.benchmark_prompts` (where the converter of MMMU training data builds
 it too, to the character): the question, then for multiple choice the options as `A. …` lines, a blank line
 and "Answer with the option's letter from the given choices directly."; for open questions a blank line and
 "Answer the question using a single word or phrase.". Each `<image k>` tag in that text is replaced by
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from mmlatent.benchmarks import (
+from mmlatent.benchmark_prompts import (
     MMMU_IMAGE_COLUMNS, mmmu_content, mmmu_options, mmmu_question_type, parse_gold, subject_of,
 )
 from mmlatent.evaluation.metrics import MMMU_SUBJECT_DISCIPLINE, mmmu_breakdown

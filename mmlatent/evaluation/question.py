@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mmlatent.evaluation.parsing import QuestionType
-from mmlatent.evaluation.protocols import MMMU_PROTOCOLS, Judgement, Protocol, judge
+from mmlatent.scoring.mmmu_parsing import QuestionType
+from mmlatent.scoring.protocols import MMMU_PROTOCOLS, Judgement, Protocol, judge
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Task(ABC):
         self.subset = subset
         """`full`: every question; `img`: only questions with at least one image (ScienceQA's IMG set)."""
         self.protocol = self.protocols[protocol or next(iter(self.protocols))]
-        """The official scorer whose rules judge the answers (`protocols.py`)."""
+        """The official scorer whose rules judge the answers (`mmlatent.scoring.protocols`)."""
 
     def judge(self, question: Question, response: str) -> Judgement:
         """The verdict on `response` under this task's protocol."""

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from mmlatent.atomic import write_text
 from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
 from mmlatent.evaluation.metrics import overall, wilson_interval
-from mmlatent.evaluation.protocols import judge
+from mmlatent.scoring.protocols import judge
 from mmlatent.evaluation.question import Question, Task
 from mmlatent.evaluation.tasks import EvalData
 from mmlatent.model.generation import GenerationConfig, Generated, LatentNoise, generate_voted

@@ -1,10 +1,10 @@
 """ScienceQA (the full test set, or its image subset): rows to questions and prompts.
 
-The prompt is the LLaVA / lmms-eval one, built by `mmlatent.benchmarks` (as for converted ScienceQA training
+The prompt is the LLaVA / lmms-eval one, built by `mmlatent.benchmark_prompts` (as for converted ScienceQA training
 data): the image first when there is one, then `Context: {hint}` when the hint is not empty, the question,
 the options as `A. …` lines and "Answer with the option's letter from the given choices directly.". The
 answer column is the index of the right choice; it becomes a letter, compared with the letter the chosen
-protocol's official scorer reads from the response (LLaVA's by default; `protocols.py`).
+protocol's official scorer reads from the response (LLaVA's by default; `mmlatent.scoring.protocols`).
 
 Category fields follow the official `get_scores`: `subject`, `grade`, and three context flags, `has_text`
 (hint not empty), `has_image` and `no_context` (neither). The image subset is the questions that have an
@@ -19,9 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mmlatent.benchmarks import letter, scienceqa_content, scienceqa_hint
+from mmlatent.benchmark_prompts import letter, scienceqa_content, scienceqa_hint
 from mmlatent.evaluation.metrics import scienceqa_breakdown
-from mmlatent.evaluation.protocols import SCIENCEQA_PROTOCOLS
+from mmlatent.scoring.protocols import SCIENCEQA_PROTOCOLS
 from mmlatent.evaluation.question import Question, Task
 
 FULL_CONFIG = "ScienceQA-FULL"

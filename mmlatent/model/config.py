@@ -51,10 +51,3 @@ class ModelConfig:
     """The named preset this config starts from (`tiny`, `tiny-demo`, `siglip-qwen2.5-0.5b`, ...; see
     `mmlatent.model.presets`). In a `mmlatent fit|validate|test|predict` config, `model.vlm.preset: NAME` takes
     the preset's fields as the base and every other `model.vlm` field given overrides them."""
-
-    @classmethod
-    def from_name(cls, name: str) -> "ModelConfig":
-        """A named preset (`tiny`, `tiny-open-clip`, ...); see `mmlatent.model.presets`."""
-        from mmlatent.model.presets import preset
-
-        return preset(name)

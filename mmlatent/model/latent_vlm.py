@@ -30,7 +30,7 @@ from mmlatent.model.language_model import load_language_model
 from mmlatent.model.lora import LoraAdapters, LoraConfig, apply_lora
 from mmlatent.model.lq_former import LQFormer
 from mmlatent.model.mc_dropout import RowDropout
-from mmlatent.model.native_backbone import build_native_backbone
+from mmlatent.model.native_families import build_native_backbone
 from mmlatent.model.sketch_head import SketchHead
 from mmlatent.model.tokenizer import load_tokenizer
 from mmlatent.chat_template import prompt_ids

@@ -1,28 +1,17 @@
 """The LQ-Former: CoCoVa's latent thought generator.
 
 A few learnable queries plus one query made from the LM's previous hidden state h run through pre-norm
-layers of self-attention (all queries among themselves), cross-attention to the visual context, and an
-MLP. The h-query's output is projected back to the LM width and mixed with h by a learned gate
-g = sigmoid(W [h; out] + b): a fresh LQ-Former (b = `gate_init`, W = 0) starts close to sketch mode and
-learns how much of the image to let in. The learnable queries are a small working memory the h-query
-reads from; taking the h-query's output (rather than pooling all queries) keeps the thought tied to where
-the reasoning is, and makes the module a function of h that the gate can compare with h. With
-`base: selected` the thought is instead the most relevant visual token itself plus g * out, so the LM is
-handed the image patch the thought chose, in the form it reads in the image, and the gate cannot shut it out.
+layers of self-attention, cross-attention to the visual context, and an MLP. The h-query's output is
+projected to the LM width and mixed with h by a learned gate g = sigmoid(W [h; out] + b), so a fresh module
+(W = 0, b = `gate_init`) starts close to sketch mode. With `base: selected` a thought is the most relevant
+visual token itself plus g * out: the LM gets the patch the thought chose, in the form it reads in the image.
 
-The visual context is the top-k tokens from `TokenSelector` plus one summary token, the
-relevance-weighted mean of all visible tokens. The trade-off: top-k alone gives a sharp, interpretable
-selection, but its relevance head learns only through the k tokens it already picks (straight-through),
-and on a content-addressed lookup it stays at chance (measured: 16 tokens, top-2, 1,500 steps, hit rate
-0.15 against 0.125 for chance). The summary token carries the gradient of every token's relevance, so
-the selection learns to find the right token, and once it does, the top-k hand the raw token to
-cross-attention (the same lookup with it: hit rate > 0.97 after 200 steps). It costs one extra key per
-thought, and cross-attention sees a blurred view of the whole image while the relevance is still flat.
-
-Batched over any n: the latent loop calls it with n = B (one slot per sample) or n = B·S (Jacobi mode,
-all slots at once). A row with no visible token gets a zero cross-attention update, never NaN. Handed a
-`RowDropout` (MC-dropout test-time scaling), every dropout site draws each row's mask from that row's
-generator, in eval mode too.
+The visual context is `TokenSelector`'s top-k tokens plus one summary token, the relevance-weighted mean of
+all visible tokens: top-k alone passes its relevance head a gradient only through the tokens it already
+picks, and the summary token gives every token's score one (README's tried table has the measurements).
+Batched over any n (B slots, or B·S in Jacobi mode); a row with no visible token gets a zero update, never
+NaN. Handed a `RowDropout` (MC-dropout test-time scaling), each dropout site draws each row's mask from
+that row's generator, in eval mode too.
 """
 
 from __future__ import annotations
@@ -58,8 +47,7 @@ class LQFormerConfig:
     """What a thought is built on. `hidden`: the LM's hidden state h, mixed with the LQ-Former output by
     the gate (CoCoVa: g * out + (1 - g) * h). `selected`: the most relevant visual token itself, which is
     in the LM's input space, plus g * out: the LM gets the selected token as it reads it in the image, and
-    the gate cannot shut the image out (measured with `hidden`: the gate closes to 0.27 and the thought
-    loses the colour a linear probe reads at 73% from the output)."""
+    the gate cannot shut the image out (with `hidden` the gate can close on the image: README's tried table)."""
     dropout: float = 0.0
     """Dropout in attention and MLP, active in train mode only. (MC-dropout test-time scaling,
     `generation.latent_noise: mc_dropout`, drops at the same sites at its own rate, in eval mode.)"""

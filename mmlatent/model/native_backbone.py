@@ -6,7 +6,7 @@ head gives logits. The HF model's own `forward` and placeholder tokens are not u
 visual tokens into its `<|image|>` slots itself, exactly as for the composed backbone. A Hub id and a local
 folder load through the same `from_pretrained`; `RandomNativeConfig` builds a small random model for tests.
 Families are looked up in `NATIVE_BACKBONES` by the typed `ModelConfig.backbone` name, never by name
-matching; `qwen2_5_vl.py` and `llava.py` register themselves.
+matching; `qwen2_5_vl.py` and `llava.py` register themselves, and `native_families.py` imports them.
 
 Trade-offs:
 - *A fixed number of tokens per image.* mmlatent's data pipeline expands each image into a fixed run of
@@ -144,19 +144,6 @@ def register(kind: str) -> Callable[[type["NativeBackbone"]], type["NativeBackbo
         return cls
 
     return add
-
-
-def native_backbone_class(kind: str) -> type["NativeBackbone"]:
-    from mmlatent.model import llava, qwen2_5_vl  # noqa: F401  (each registers its family)
-
-    if kind not in NATIVE_BACKBONES:
-        raise ValueError(f"backbone={kind!r}: expected one of {sorted(NATIVE_BACKBONES)} (or `composed`)")
-    return NATIVE_BACKBONES[kind]
-
-
-def build_native_backbone(kind: str, cfg: NativeBackboneConfig, tokenizer) -> "NativeBackbone":
-    """The native backbone of family `kind` (a `ModelConfig.backbone` value), loaded or built at random."""
-    return native_backbone_class(kind)(cfg, tokenizer)
 
 
 class NativeBackbone(Backbone):

@@ -33,17 +33,12 @@ class TokenSelectionConfig:
     """Width of the relevance query (W_q h) and key (W_k v) projections."""
     scale: float | None = None
     """None: scores are q·k / sqrt(dim), unbounded. A number: the cosine of q and k times this, so the
-    relevance can be sharp (a margin of `scale` per unit of cosine) but not arbitrarily confident
-    (measured with unbounded scores and stage-1 selection grounding: a selection loss of 1e-4 jumped to
-    7.4 within 30 steps; with `scale: 10` it stayed below 0.01). But bounded scores slowed what came after:
-    in latent-only stage 3 after such a stage 1, the thoughts' selection stayed at 0.50 of the path's cells
-    through 300 steps with `scale: 10`, and reached 1.0 by step 250 unbounded (which recovers from the
-    spike), so the demo leaves it None."""
+    relevance can be sharp (a margin of `scale` per unit of cosine) but not arbitrarily confident: steadier
+    under a strong selection loss, slower to learn later (README's tried table compares both)."""
     centre_keys: bool = False
     """Compute keys from the visual tokens minus their mean over the visible tokens, scaled to unit RMS:
     the relevance then reads what tells tokens apart (place, content), not what they share. Without it,
-    tokens that share a large common component (measured: spread across tokens 6% of their norm after
-    100 steps) give nearly equal scores and the selection stays uniform."""
+    tokens that share a large common component give nearly equal scores and the selection stays uniform."""
 
     def __post_init__(self) -> None:
         if self.top_k < 1:

@@ -20,7 +20,8 @@ from pathlib import Path
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from mmlatent.model.remote_code import MODEL_TYPE
-from mmlatent.tokens import add_special_tokens, synthetic_tokenizer_dir
+from mmlatent.cache import synthetic_tokenizer_dir
+from mmlatent.tokens import add_special_tokens
 
 
 @dataclass

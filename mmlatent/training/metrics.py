@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mmlatent.data.batch import IGNORE_INDEX
+from mmlatent.tokens import IGNORE_INDEX
 from mmlatent.data.masks import observation_mask
 
 

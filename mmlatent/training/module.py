@@ -29,7 +29,7 @@ from mmlatent.config_io import from_dict
 from mmlatent.data.batch import Batch
 from mmlatent.data.skips import SkipSummary
 from mmlatent.data.processor import SequenceLayout
-from mmlatent.evaluation.protocols import judge
+from mmlatent.scoring.protocols import judge
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig, generate
 from mmlatent.model.latent_vlm import LatentVLM

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mmlatent.data.convert import ConvertOptions, MMMUConfig, convert
-from mmlatent.benchmarks import parse_options, subject_of
+from mmlatent.benchmark_prompts import parse_options, subject_of
 from tests.conftest import read_samples
 
 IMAGE_COLUMNS = [f"image_{k}" for k in range(1, 8)]

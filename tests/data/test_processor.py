@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlatent.data.batch import IGNORE_INDEX, collate
+from mmlatent.data.batch import collate
+from mmlatent.tokens import IGNORE_INDEX
 from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
 from mmlatent.data.sample import SampleError
 from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer

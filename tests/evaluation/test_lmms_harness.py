@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from mmlatent.evaluation.command import main as eval_main
-from mmlatent.evaluation.parsing import eval_open, parse_open_response
-from mmlatent.evaluation.protocols import MMMU_PROTOCOLS, SCIENCEQA_PROTOCOLS
+from mmlatent.scoring.mmmu_parsing import eval_open, parse_open_response
+from mmlatent.scoring.protocols import MMMU_PROTOCOLS, SCIENCEQA_PROTOCOLS
 from tests.evaluation.test_eval_data import mmmu_rows, png, scienceqa_rows, write_hf
 
 pytestmark = pytest.mark.harness  # lmms-eval is imported inside the tests: without the extra they fail, never skip

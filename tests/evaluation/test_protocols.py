@@ -25,7 +25,7 @@ import json
 import pytest
 
 from mmlatent.evaluation.command import main
-from mmlatent.evaluation.protocols import MMMU_PROTOCOLS, SCIENCEQA_PROTOCOLS, judge
+from mmlatent.scoring.protocols import MMMU_PROTOCOLS, SCIENCEQA_PROTOCOLS, judge
 from mmlatent.evaluation.runner import rescore
 from mmlatent.evaluation.tasks import load_eval_data
 from tests.evaluation.test_eval_data import write_scienceqa

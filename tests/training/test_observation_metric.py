@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mmlatent.data.batch import IGNORE_INDEX, Batch
+from mmlatent.data.batch import Batch
+from mmlatent.tokens import IGNORE_INDEX
 from mmlatent.training.metrics import observation_accuracy
 from mmlatent.training.module import LatentVLMModule
 

@@ -4,7 +4,7 @@ Columns: `id` (`dev_Accounting_1`), `question`, `options` (a stringified Python 
 `image_1` … `image_7` (HF Image structs or empty), `img_type`, `answer` (a letter for multiple choice, text
 for open questions), `topic_difficulty`, `question_type` (`multiple-choice` or `open`) and `subfield`.
 
-User turn: exactly the evaluation's prompt (`mmlatent.benchmarks.mmmu_content`, the one `mmlatent eval`
+User turn: exactly the evaluation's prompt (`mmlatent.benchmark_prompts.mmmu_content`, the one `mmlatent eval`
 scores with): the question, the options as `A. …` lines, a blank line and the instruction, with each
 `<image k>` tag (in the question or an option) replaced by the image itself, in place; an image named twice
 is shown at its first place only, and images the text never names come first. Assistant turn: the
@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from mmlatent.benchmarks import (
+from mmlatent.benchmark_prompts import (
     IMAGE_TAG, MMMU_IMAGE_COLUMNS, mmmu_content, mmmu_options, mmmu_question_type, parse_gold, subject_of,
 )
 from mmlatent.data.convert.answers import normalize_answer

@@ -4,7 +4,7 @@ Columns: `image` (HF Image struct or empty), `question`, `choices` (list of stri
 `choices`), `hint` (the context), `lecture`, `solution`, and the category fields `task`, `grade`,
 `subject`, `topic`, `category`, `skill`.
 
-User turn: exactly the evaluation's prompt (`mmlatent.benchmarks.scienceqa_content`, the one `mmlatent eval`
+User turn: exactly the evaluation's prompt (`mmlatent.benchmark_prompts.scienceqa_content`, the one `mmlatent eval`
 scores with): the image (when there is one), then `Context: <hint>` (when there is one), the question, the
 options as `A. …` lines and the instruction line. Assistant turn: the lecture and the solution, when
 present, as the chain of thought, then `answer_template` with the answer letter. The answer is the letter;
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Iterator
 
-from mmlatent.benchmarks import letter, scienceqa_content
+from mmlatent.benchmark_prompts import letter, scienceqa_content
 from mmlatent.data.convert.common import Converter, Record, make_key
 from mmlatent.data.convert.images import convert_image
 from mmlatent.data.convert.input_files import SourceInfo, resolve_source

@@ -17,7 +17,7 @@ class LatentVLMForAutoModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         try:
-            from mmlatent import LatentVLM
+            from mmlatent.model.latent_vlm import LatentVLM
         except ImportError as err:
             raise ImportError("this folder holds an mmlatent model: `pip install mmlatent` to load it") from err
         return LatentVLM.from_pretrained(

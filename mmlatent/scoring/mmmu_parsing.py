@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from mmlatent.benchmarks import QuestionType, choice_letters, parse_gold
+from mmlatent.benchmark_prompts import QuestionType, choice_letters, parse_gold
 
 __all__ = ["QuestionType", "choice_letters", "parse_gold", "parse_multi_choice_response", "parse_open_response",
            "eval_multi_choice", "eval_open"]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from mmlatent.evaluation.parsing import (
+from mmlatent.scoring.mmmu_parsing import (
     eval_open,
     extract_numbers,
     parse_gold,
     parse_multi_choice_response,
     parse_open_response,
 )
-from mmlatent.evaluation.protocols import judge
+from mmlatent.scoring.protocols import judge
 
 LETTERS = ["A", "B", "C", "D"]
 ANIMALS = dict(zip(LETTERS, ["cat", "dog", "bird", "big fish"]))

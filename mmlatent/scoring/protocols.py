@@ -23,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from mmlatent.benchmarks import QuestionType, choice_letters
-from mmlatent.evaluation.parsing import eval_multi_choice, eval_open, parse_multi_choice_response, parse_open_response
-from mmlatent.evaluation.scienceqa_parsing import lmms_eval_letter, llava_letter, scienceqa_letter
+from mmlatent.benchmark_prompts import QuestionType, choice_letters
+from mmlatent.scoring.mmmu_parsing import eval_multi_choice, eval_open, parse_multi_choice_response, parse_open_response
+from mmlatent.scoring.scienceqa_parsing import lmms_eval_letter, llava_letter, scienceqa_letter
 
 ProtocolName = Literal["llava", "scienceqa", "lmms-eval", "mmmu"]
 """Names `--protocol` takes (which apply depends on the task)."""

@@ -1,7 +1,7 @@
 """`mmlatent export CKPT OUT_DIR`: a Lightning checkpoint to a Hub-ready folder, optionally pushed.
 
 The checkpoint (a `.ckpt` file or a sharded FSDP2 checkpoint folder) is read with
-`checkpoint_reader.load_module` (`torch.load(weights_only=True)`: no pickle of arbitrary objects;
+`training.module.load_module` (`torch.load(weights_only=True)`: no pickle of arbitrary objects;
 hyper-parameters are plain dicts). The folder gets the model files of
 `mmlatent.model.serialization` (config, safetensors weights, LM folder, tokenizer, image transform), the
 module's decoding settings as `generation_config.json`, the training settings under `training/` (the
@@ -77,7 +77,7 @@ def export_checkpoint(
         revision: Branch to push to (created if missing).
         token: Hub token (default: HF_TOKEN or the login cache).
     """
-    from mmlatent.training.checkpoint_reader import load_module  # Lightning only when exporting
+    from mmlatent.training.module import load_module  # Lightning only when exporting
 
     out = Path(out_dir)
     if "://" not in str(ckpt) and not Path(ckpt).exists():

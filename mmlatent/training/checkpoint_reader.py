@@ -86,19 +86,6 @@ def load_model(path: str | Path) -> LatentVLM:
     return model.eval()
 
 
-def load_module(path: str | Path):
-    """The `LatentVLMModule` a checkpoint (file or sharded folder) holds, built from its hyper-parameters; a
-    remote URL (`s3://…`) goes through Lightning's loader."""
-    from mmlatent.training.module import LatentVLMModule
-
-    if "://" in str(path):
-        return LatentVLMModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
-    ckpt = read_checkpoint(path)
-    module = LatentVLMModule(**ckpt["hyper_parameters"])
-    module.load_state_dict(ckpt["state_dict"], strict=True)
-    return module
-
-
 def init_weights(model: LatentVLM, path: str | Path) -> list[str]:
     """Copy the weights of a previous stage's checkpoint into `model` (stage hand-off).
 

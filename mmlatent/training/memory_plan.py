@@ -251,7 +251,7 @@ def _meta_model(vlm: ModelConfig) -> tuple[nn.Module, nn.Module | None, int]:
 
 def _frozen_parts(vlm: ModelConfig, model: nn.Module) -> list[nn.Module]:
     """The modules of a native VLM its config freezes (the backbone's own choice of vision/projector modules)."""
-    from mmlatent.model.native_backbone import native_backbone_class
+    from mmlatent.model.native_families import native_backbone_class
 
     family = native_backbone_class(vlm.backbone)
     view = SimpleNamespace(vlm=model)  # the family's module lookups read only `self.vlm`

@@ -19,6 +19,7 @@ import copy
 import logging
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -35,7 +36,7 @@ from mmlatent.model.generation import GenerationConfig, generate
 from mmlatent.model.latent_vlm import LatentVLM
 from mmlatent.model.presets import preset
 from mmlatent.training.acceleration import AccelerationConfig, apply_acceleration, prepare_ddp
-from mmlatent.training.checkpoint_reader import init_weights
+from mmlatent.training.checkpoint_reader import init_weights, read_checkpoint
 from mmlatent.training.fault import FaultConfig, StepGuard
 from mmlatent.training.fsdp import FSDP2Strategy, call_through_root, gathered, is_sharded
 from mmlatent.training.optim import OptimConfig, build_optimizer
@@ -296,3 +297,14 @@ class LatentVLMModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1000
         opt, sched = build_optimizer(self.model, self.optim_cfg, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def load_module(path: str | Path) -> LatentVLMModule:
+    """The `LatentVLMModule` a checkpoint (file or sharded folder) holds, built from its hyper-parameters; a
+    remote URL (`s3://…`) goes through Lightning's loader."""
+    if "://" in str(path):
+        return LatentVLMModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
+    module = LatentVLMModule(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    return module

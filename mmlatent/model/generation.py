@@ -5,9 +5,11 @@ next position sits in the last column and one single-position LM forward per ste
 the prefix is encoded once. Each sample is in text mode or inside a latent block: when it emits
 `<|latent_start|>`, its next inputs are latent vectors made from its own last hidden state (sketch head
 or LQ-Former), while the other samples keep decoding tokens in the same forward (`torch.where`-style
-row selection). A block ends when the model's most likely next token is `<|latent_end|>` or after the step
-budget (2 × slots by default), or after exactly `slots` steps with `latent.block_end: slots`; then
-`<|latent_end|>` is fed and text resumes.
+row selection). Inside a block the LM says at every slot whether the block goes on or ends (its logit of
+`<|latent_end|>` against that of `<|latent|>`, the two labels every slot is trained on), and the block ends
+there or at the step budget (2 × slots by default), or after exactly `slots` steps with
+`latent.block_end: slots`; then `<|latent_end|>` is fed and the model decides, as it was trained to, whether
+another block opens or text resumes.
 
 Test-time scaling (`trajectories > 1`): each prompt runs M times in the same batch with Gaussian noise or
 dropout on its latent vectors, and the answers are decided by majority vote.
@@ -208,14 +210,16 @@ def _decode(
     model_ends_blocks = model.cfg.latent.block_end == "model"
     last_pos = pos[:, -1]  # (B,)
     for _ in range(cfg.max_new_tokens):
+        # inside a block the LM was trained to say, at every slot, whether the block goes on (`<|latent|>`) or
+        # ends (`<|latent_end|>`, at its last slot): block_end: model takes that binary decision
+        wants_end = in_latent & (count >= 1) & model_ends_blocks & (logits[:, ids_.latent_end] > logits[:, ids_.latent])
         logits[:, ids_.latent] = float("-inf")  # slots are fed by the loop inside a block, never chosen as text
         logits[:, ids_.latent_end] = logits[:, ids_.latent_end].masked_fill(~in_latent, float("-inf"))  # no block to close
         if not cfg.latent:
             logits[:, ids_.latent_start] = float("-inf")
         tok = next_token(logits, cfg, gen)  # (B,)
-        # a block holds at least one slot; it ends when the model prefers <|latent_end|> (block_end: model)
-        # or at the budget (block_end: slots: always there)
-        wants_end = (logits.argmax(-1) == ids_.latent_end) & (count >= 1) & model_ends_blocks
+        # a block holds at least one slot; it ends when the model says so (block_end: model) or at the budget
+        # (block_end: slots: always there)
         end_block = in_latent & (wants_end | (count >= budget))
         feed_latent = in_latent & ~end_block & ~done
         tok = torch.where(end_block, torch.full_like(tok, ids_.latent_end), tok)

@@ -201,7 +201,7 @@ def evaluate_all(out: Path, data: Path, demo: DemoConfig) -> dict:
         summary["delta"] = summary["accuracy"] - results["latent"]["accuracy"]
         results["interventions"][kind] = summary
     grid = demo.synth.grid_size
-    answers = [([r.relevance for r in g.latents or []], q.fields.get("path", [])) for q, g in zip(test.questions, generated)]
+    answers = [([(r.block, r.relevance) for r in g.latents or []], q.fields.get("path", [])) for q, g in zip(test.questions, generated)]
     results["latent"].update(selection_on_path(answers, model.backbone.token_grid, grid))
     results["picture_question"] = draw_correct_answer(out, test, records, generated, model, demo)
     return results

@@ -16,6 +16,7 @@ from mmlatent.model.generation import GenerationConfig, generate_from_prompts
 from mmlatent.model.latent_vlm import LatentVLM
 from mmlatent.model.presets import preset
 from mmlatent.training.stages import StageConfig, build_stage
+from tests.conftest import one_thread
 
 N = 3
 
@@ -62,16 +63,12 @@ def test_model_closes_blocks_after_trained_slots_and_opens_another_only_when_tra
     assert bool((slot_labels == model.ids.latent).all())  # the slots are labelled: "the block goes on"
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is faster, most of all on a busy machine
-    try:
+    with one_thread():
         for _ in range(40):
             loss = stage.losses(model, batch, stage.forward(model, batch))["ce_loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()
-    finally:
-        torch.set_num_threads(threads)
     model.eval()
     prompts = [batch.input_ids[b, batch.starts[b] : batch.prompt_end[b]] for b in range(2)]
     out = generate_from_prompts(model, prompts, batch.pixel_values[:0], GenerationConfig(max_new_tokens=24))

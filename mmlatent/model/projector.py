@@ -28,6 +28,11 @@ class ProjectorConfig:
     hidden_mult: float = 1.0
     """Hidden width of the `mlp` projector as a multiple of the LM width (1.0 as in LLaVA-1.5).
     Ignored by `linear`."""
+    centre: bool = False
+    """Subtract each image's mean token from its tokens and scale them to unit RMS, so the LM reads what
+    tells an image's tokens apart (a region's content and place), not the large part they share. A random
+    tower's tokens are mostly such a shared part, which leaves the LM's attention over them flat; a
+    pretrained tower's are not, so real presets leave this off."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("mlp", "linear"):
@@ -89,4 +94,8 @@ class Projector(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = pixel_shuffle(x, self.grid_size, self.cfg.pixel_shuffle)  # (N, T/s², s²·D_vision)
-        return self.net(x)  # (N, T/s², D_lm)
+        x = self.net(x)  # (N, T/s², D_lm)
+        if self.cfg.centre:
+            x = x - x.mean(1, keepdim=True)  # (N, T', D_lm): each image's mean token removed
+            x = x / (x.pow(2).mean((1, 2), keepdim=True).sqrt() + 1e-6)  # unit RMS per image
+        return x

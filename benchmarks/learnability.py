@@ -70,6 +70,8 @@ class RunConfig:
     """A Lightning checkpoint to start from (stage hand-off), or a `.pt` state dict this harness saved."""
     save: str | None = None
     """Write the final weights here (a `.pt` state dict) for a later `init_from`."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default, one per core)."""
 
 
 def _set(tree: dict, dotted: str, value) -> None:
@@ -210,6 +212,8 @@ def _load_init(model: LatentVLM, path: str) -> None:
 
 def run(recipe_name: str, cfg: dict) -> dict:
     rc: RunConfig = cfg["run"]
+    if rc.threads:
+        torch.set_num_threads(rc.threads)
     torch.manual_seed(rc.seed)
     build_synthetic_tokenizer()
     model = LatentVLM(cfg["model"])

@@ -27,3 +27,17 @@ def test_each_run_gets_its_steps_data_and_predecessor(tmp_path):
     cot = cfgs["cot"]["model"]
     assert cot["stage"]["name"] == "stage1" and cot["stage"]["aux_dropout"] == 1.0 and "init_from" not in cot
     assert cfgs["stage1"]["model"]["stage"]["aux_dropout"] == 0.0
+
+
+def test_without_regions_every_run_loses_its_grounding_weights(tmp_path):
+    """`regions=False` (the `--ablation regions` runs) turns off the one place each mode learns from the region
+    labels: the selection loss of stages 1-3 and the attention loss of the baselines; nothing else changes."""
+    demo = DemoConfig()
+    for name in STAGES:
+        with_regions = yaml.safe_load(stage_config(name, tmp_path / "a", tmp_path / "data", demo).read_text())
+        without = yaml.safe_load(stage_config(name, tmp_path / "b", tmp_path / "data", demo, regions=False).read_text())
+        grounding = with_regions["model"]["stage"]["grounding"]
+        weight = "attention_weight" if name in BASELINES else "selection_weight"
+        assert grounding[weight] > 0, name
+        assert without["model"]["stage"]["grounding"] == {**grounding, weight: 0.0}, name
+        assert without["data"] == with_regions["data"] and without["model"]["optim"] == with_regions["model"]["optim"]

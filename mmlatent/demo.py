@@ -65,7 +65,7 @@ class DemoConfig:
     """The task: colour-move walks from a named cell on a 3x3 grid (see `mmlatent.data.synthetic`)."""
     longer_hops: tuple[int, int] = (3, 4)
     """Moves of the longer-walk split: longer than any trained walk."""
-    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 400, "stage2": 100, "stage3": 450})
+    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 300, "stage2": 100, "stage3": 300})
     """Optimiser steps of stages 1-3; each baseline (direct, CoT) gets their sum."""
     batch_size: int = 32
     """Samples per step in every stage."""

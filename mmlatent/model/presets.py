@@ -77,7 +77,7 @@ def tiny_demo() -> ModelConfig:
     cfg.latent.lq_former.selection.centre_keys = True  # measured: the selection learns (see token_selection.py)
     cfg.latent.lq_former.base = "selected"  # a thought hands the LM the cell it selected (see lq_former.py)
     cfg.vision.sincos_pos_embed = 3.0  # cells told apart by place from the start
-    cfg.projector.centre = True  # the LM reads what tells cells apart (see projector.py)
+    cfg.projector.centre = "batch"  # the LM reads what tells cells apart (see projector.py)
     cfg.lm.attn_implementation = "eager"  # the attention grounding of the text-only baselines reads the LM's attention
     return cfg
 

@@ -73,7 +73,7 @@ def test_wrong_token_count_is_an_error():
 
 
 def test_centred_tokens_have_zero_mean_and_unit_rms_per_image():
-    p = Projector(ProjectorConfig(centre=True), vision_dim=8, lm_dim=16, grid_size=(2, 2))
+    p = Projector(ProjectorConfig(centre="image"), vision_dim=8, lm_dim=16, grid_size=(2, 2))
     x = torch.randn(3, 4, 8) + 5.0  # a large part shared by every token
     out = p(x)  # (3, 4, 16)
     assert out.mean(1).abs().max() < 1e-5

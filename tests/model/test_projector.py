@@ -82,3 +82,17 @@ def test_centred_tokens_have_zero_mean_and_unit_rms_per_image():
     plain.load_state_dict(p.state_dict())
     ref = plain(x)
     assert torch.allclose(out, (ref - ref.mean(1, keepdim=True)) / ref.sub(ref.mean(1, keepdim=True)).pow(2).mean((1, 2), keepdim=True).sqrt(), atol=1e-4)
+
+
+def test_batch_centred_tokens_are_standardised_per_feature_and_keep_image_averages():
+    p = Projector(ProjectorConfig(centre="batch"), vision_dim=8, lm_dim=16, grid_size=(2, 2))
+    x = torch.randn(6, 4, 8) + 5.0  # a large part shared by every token
+    out = p.train()(x)  # (6, 4, 16): batch statistics
+    flat = out.flatten(0, 1)
+    assert flat.mean(0).abs().max() < 1e-5 and torch.allclose(flat.var(0, unbiased=False), torch.ones(16), atol=1e-3)
+    assert out.mean(1).abs().max() > 0.05  # unlike `image`, an image's average token is kept
+    p.eval()
+    evaluated = p(x[:1])  # one image in evaluation: the running estimates, not its own statistics
+    assert not torch.allclose(evaluated, out[:1], atol=1e-3)
+    with pytest.raises(ValueError, match="projector.centre"):
+        ProjectorConfig(centre="tokens")

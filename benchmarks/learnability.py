@@ -254,6 +254,39 @@ def run(recipe_name: str, cfg: dict) -> dict:
     return {"curve": curve, "final": curve[-1], "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with `+dirty` for uncommitted changes): the recipes a row ran with."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _headline(point: dict) -> str:
+    """The final numbers of a run in a few words: observation and answer accuracies by hop count."""
+    parts = []
+    for metric in ("observation", "answer", "thought_on_own_cell"):
+        if metric in point:
+            by_hop = point[metric]
+            hops = ", ".join(f"{h}: {v:.2f}" for h, v in by_hop.items() if h != "all")
+            parts.append(f"{metric} {by_hop['all']:.2f} ({hops})")
+    return "; ".join(parts)
+
+
+def table(log: str) -> str:
+    """The runs of a log as a markdown table (what README's tried table is drawn from), oldest first."""
+    rows = ["| run | at step | teacher-forced, by moves | command |", "|---|---|---|---|"]
+    for line in Path(log).read_text(encoding="utf-8").splitlines():
+        run = json.loads(line)
+        point = run["final"]
+        rows.append(f"| {run['tag']} | {point['step']} | {_headline(point)} | `{run['command']}` |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="direct", help="tiny recipe whose stage, optimiser and preset to use")
@@ -261,12 +294,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.field=YAML value (repeatable)")
     ap.add_argument("--tag", default="", help="what this run varies (one variable)")
     ap.add_argument("--log", default="docs/learnability.jsonl", help="JSON-lines file each run appends to ('' for none)")
+    ap.add_argument("--table", action="store_true", help="print the log's runs as a markdown table and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.log))
+        return
     sets = args.sets + ([f"run.steps={args.steps}"] if args.steps is not None else [])
     cfg = configs(args.recipe, sets)
     result = run(args.recipe, cfg)
     line = {
-        "tag": args.tag, "recipe": args.recipe, "sets": sets,
+        "tag": args.tag, "recipe": args.recipe, "sets": sets, "commit": _commit(),
         "command": "python benchmarks/learnability.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         **result, "contended": True,
     }

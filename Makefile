@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo benchmarks clean
+.PHONY: setup test test-harness demo benchmarks clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,16 @@ $(STAMP): pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The real lmms-eval with the `latent_vlm` model: installs the `lmms` extra (about 900 MB, README: Evaluation)
+# into .venv once, then runs the tests marked `harness` (deselected by `make test`).
+HARNESS_STAMP := $(VENV)/.installed-lmms
+$(HARNESS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,lmms]'
+	@touch $@
+
+test-harness: $(HARNESS_STAMP)
+	$(BIN)/python -m pytest -q -m harness
 
 demo: setup
 	$(BIN)/python -m mmlatent.demo --out runs/demo

@@ -13,10 +13,14 @@ shards); cheap metadata skips that cost.
 - `AtomicFile`: an open temporary file committed or aborted later (a shard written sample by sample).
 - `atomic_folder(path)`: a temporary folder renamed into place (export folders, built tokenizers).
 - `move(src, dst)`: rename a finished file into place.
+
+A write that runs out of space (ENOSPC, EDQUOT) raises `DiskFull`, which names the target file and the
+free space left; the `mmlatent` command prints it as one line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,6 +29,37 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator, Literal
+
+
+_NO_SPACE = os.strerror(errno.ENOSPC)
+"""'No space left on device', as native writers report it in their messages too."""
+
+
+class DiskFull(OSError):
+    """A write that ran out of space on its file system; the message names the file being written."""
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+@contextmanager
+def full_disk_named(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an out-of-space error inside the block into `DiskFull` naming `path`."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as err:
+        # an OSError says so by errno; libraries that write natively (safetensors) only in their message
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT) if isinstance(err, OSError) else _NO_SPACE in str(err)
+        if not full:
+            raise
+        folder = Path(path).parent
+        raise DiskFull(errno.ENOSPC, f"no space left on the device writing {path} ({_free_space(folder)})") from None
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -59,10 +94,11 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
     try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        with full_disk_named(path):
+            yield tmp
+            if durable:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
         move(tmp, path, durable=durable)
     finally:
         tmp.unlink(missing_ok=True)
@@ -90,6 +126,24 @@ def write_json(path: str | os.PathLike, obj: Any, durable: bool = False) -> None
     write_text(path, stable_json(obj), durable=durable)
 
 
+class _NamedWrites:
+    """A binary file whose out-of-space errors name the file it stands for (`DiskFull`)."""
+
+    def __init__(self, file: IO[bytes], path: Path):
+        self._file, self._path = file, path
+
+    def write(self, data) -> int:
+        with full_disk_named(self._path):
+            return self._file.write(data)
+
+    def flush(self) -> None:
+        with full_disk_named(self._path):
+            self._file.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
 class AtomicFile:
     """An open temporary file beside `path`: `commit()` fsyncs, closes and renames it into place;
     `abort()` closes and removes it. For writers that produce a file over many calls (a tar shard)."""
@@ -98,12 +152,13 @@ class AtomicFile:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = _temporary_sibling(self.path)
-        self.file: IO[bytes] = open(self.tmp, "wb")
+        self.file: IO[bytes] = _NamedWrites(open(self.tmp, "wb"), self.path)  # type: ignore[assignment]
 
     def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        with full_disk_named(self.path):
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
         move(self.tmp, self.path, durable=True)
 
     def abort(self) -> None:
@@ -135,7 +190,8 @@ def atomic_folder(out_dir: str | os.PathLike, if_exists: Literal["error", "repla
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        yield tmp
+        with full_disk_named(out):
+            yield tmp
         _publish_modes(tmp)
         if out.exists() and if_exists == "keep":
             return

@@ -19,6 +19,7 @@ import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+from mmlatent.atomic import DiskFull
 from mmlatent.config_io import ConfigError
 
 # Field docstrings of the typed configs (attribute docstrings, as litgpt writes them) become --help text.
@@ -176,7 +177,20 @@ def explain(message: str, args: list[str], valid_keys: list[str], subcommand: st
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `mmlatent` command. A bad setting found at start (`ConfigError`: a shard set, a teacher cache, a
+    resume that does not fit) and a full disk (`DiskFull`) print one line naming the file and the cause."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv)
+    except ConfigError as err:
+        print(f"mmlatent {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    except DiskFull as err:
+        print(f"mmlatent {argv[0]}: error: {err.strerror}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0

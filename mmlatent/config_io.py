@@ -3,7 +3,9 @@
 Checkpoints store hyper-parameters as plain dicts (so they load with `torch.load(weights_only=True)`), and
 `LightningModule.load_from_checkpoint` hands those dicts back to `__init__`. `from_dict` rebuilds the typed
 dataclass tree from them, recursing into nested dataclasses, optional fields, lists and tuples, and it names the
-offending field when a key is unknown, so an old or hand-edited checkpoint fails with a clear message.
+offending field when a key is unknown, so an old or hand-edited checkpoint fails with a clear message. A field a
+config class has retired (its `RETIRED` map: old name -> where the setting went) is dropped instead, so
+checkpoints and exports of older versions still load.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         return data
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    retired = getattr(cls, "RETIRED", {})  # {old field: where it went}: an old config's key is dropped
+    data = {k: v for k, v in data.items() if k not in retired or k in names}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{path or cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")

@@ -93,11 +93,9 @@ class KeyRecorder(L.Callback):
         self.out = Path(out)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        from mmlatent.data.pipeline import FillerBatch
-
         self.out.mkdir(parents=True, exist_ok=True)
         line = {"epoch": trainer.current_epoch, "batch": batch_idx, "step": trainer.global_step, "keys": batch.keys,
-                "filler": isinstance(batch, FillerBatch)}
+                "filler": batch.filler}
         with open(self.out / f"keys.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 

@@ -107,6 +107,10 @@ class Batch:
     """The same samples in the online teacher's layout, collated alike, else None."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples the producing worker skipped (by reason) since its previous batch; summed by the trainer."""
+    filler: bool = False
+    """The batch carries no real samples: it stands in for a planned step whose samples were all unusable
+    (one earlier good sample, to be weighted by zero), so that every rank still runs the step. Consumers
+    learn, score and cache nothing from it, but keep its `skipped` counts."""
 
     def __len__(self) -> int:
         return len(self.keys)

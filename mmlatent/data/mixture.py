@@ -36,6 +36,8 @@ class MixtureComponent:
     """Samples in the set; None reads `manifest.json` beside the shards (needed when `weight` is None)."""
     name: str = ""
     """Name used in messages; empty uses the folder name."""
+    allow_partial: bool = False
+    """Read the set although it may be partial (as `data.train.allow_partial`)."""
 
 
 @dataclass
@@ -58,11 +60,11 @@ class ResolvedSource:
     samples: int | None
 
 
-def resolve_sources(cfg: MixtureConfig, expand: Callable[[str, str], list[str]],
+def resolve_sources(cfg: MixtureConfig, expand: Callable[[str, str, bool], list[str]],
                     count: Callable[[str], int | None], field_name: str = "data.mixture") -> list[ResolvedSource]:
     """Expand each source's shards and settle its weight; errors name the offending field.
 
-    `expand(spec, field)` lists a spec's shard URLs and `count(spec)` reads its manifest count
+    `expand(spec, field, allow_partial)` lists a spec's shard URLs and `count(spec)` reads its manifest count
     (`shards.expand_shards` and `shards.manifest_count`).
     """
     if not cfg.sources:
@@ -70,7 +72,7 @@ def resolve_sources(cfg: MixtureConfig, expand: Callable[[str, str], list[str]],
     out = []
     for i, src in enumerate(cfg.sources):
         where = f"{field_name}.sources[{i}]"
-        urls = expand(src.shards, f"{where}.shards")
+        urls = expand(src.shards, f"{where}.shards", src.allow_partial)
         samples = src.samples if src.samples is not None else count(src.shards)
         weight = src.weight if src.weight is not None else samples
         if weight is None:
@@ -109,9 +111,11 @@ class MixtureStream(ShardStream):
         shuffle_buffer: int = 500,
         seed: int = 0,
         epoch_samples: int | None = None,
+        count: Callable[[list[str]], list[int]] = shard_sizes,
     ):
-        """`epoch_samples`: samples that make one epoch (None: endless when iterated directly)."""
-        sets = [WeightedSet(s.name, s.urls, shard_sizes(s.urls), s.weight) for s in sources]
+        """`epoch_samples`: samples that make one epoch (None: endless when iterated directly); `count`: samples
+        of each shard of a set (the data module passes the counts rank 0 made)."""
+        sets = [WeightedSet(s.name, s.urls, count(s.urls), s.weight) for s in sources]
         super().__init__(
             [], processor, collate_fn, batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
             source=MixedSource(sets, seed, epoch_samples),
@@ -128,6 +132,8 @@ def mixture_loader(
     world_size: int,
     shuffle_buffer: int,
     seed: int,
+    count: Callable[[list[str]], list[int]] = shard_sizes,
+    pin_memory: bool = False,
 ) -> EpochLoader:
     """The training `EpochLoader` of a mixture: samples-per-epoch ÷ (world size × batch size) full batches."""
     sources = resolve_sources(cfg, expand_shards, manifest_count)
@@ -143,5 +149,6 @@ def mixture_loader(
         shuffle_buffer=shuffle_buffer,
         seed=seed,
         epoch_samples=samples,
+        count=count,
     )
-    return EpochLoader(stream, num_workers, rank=rank, world_size=world_size)
+    return EpochLoader(stream, num_workers, rank=rank, world_size=world_size, pin_memory=pin_memory)

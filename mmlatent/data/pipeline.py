@@ -6,13 +6,13 @@ source (`sample_order.py`): by default every sample once per epoch, cut by a `Ba
 per-worker ranges; or endless resampled draws; or a weighted mixture of shard sets. The stream reads a
 worker's slots in blocks of `shuffle_buffer`, each block permuted by (seed, epoch, rank, worker, block),
 and closes each planned batch with a marker, so batch boundaries are planned, not counted: a sample that
-turns out bad leaves its batch one smaller, and a batch whose samples are all bad becomes a
-`FillerBatch` (one real sample the trainer weighs by zero), so every rank still takes the same steps.
+turns out bad leaves its batch one smaller, and a batch whose samples are all bad becomes a filler
+(`Batch.filler`: one earlier sample the trainer weighs by zero), so every rank still takes the same steps.
 Skips are counted by reason (`skips.py`) and ride on the next batch.
 
 `EpochLoader` wraps the stream in a `DataLoader`, runs exactly the plan's S steps per epoch on every
 rank, and is stateful the way Lightning expects (`state_dict` / `load_state_dict`): its state is the
-epoch and the steps taken, plus every (rank, worker)'s position derived from the plan. Resuming starts
+epoch and the steps taken, from which the plan gives every (rank, worker)'s position. Resuming starts
 each worker at its position (skipping whole shards, then the members before it, and replaying only the
 current shuffle block), so the batches after a resume are exactly those an uninterrupted run would
 have seen.
@@ -24,21 +24,21 @@ positions that are pure functions of (seed, epoch, rank, worker, step).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from itertools import count, islice
 from typing import Callable, Iterable, Iterator
 
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
 
+from mmlatent.config_io import ConfigError
 from mmlatent.data.batch import Batch, ProcessedSample
+from mmlatent.data.image_decode import ImageError, decode_rgb
 from mmlatent.data.plan import Remainder
 from mmlatent.data.processor import Processor
 from mmlatent.data.sample import IMAGE_EXTENSIONS, SampleError, validate_sample
@@ -46,7 +46,7 @@ from mmlatent.data.shards import shard_sizes
 from mmlatent.data.skips import KEPT, TAR_EVENTS, SkipCounter, SkipSummary
 from mmlatent.data.sample_order import EpochSource, ResampledSource, WorkerView
 
-__all__ = ["SkipCounter", "SkipSummary", "KEPT", "TAR_EVENTS", "ShardStream", "EpochLoader", "FillerBatch",
+__all__ = ["SkipCounter", "SkipSummary", "KEPT", "TAR_EVENTS", "ShardStream", "EpochLoader",
            "decode_samples", "process_samples", "attach_skips"]
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,12 @@ class BatchEnd:
     """Marker closing one planned batch in the stage stream (passes through decode and process)."""
 
 
-@dataclass
-class FillerBatch(Batch):
-    """A batch that stands in for a planned step whose samples were all unusable: one real sample, to be
-    weighted by zero, so that every rank still runs the step (and its collectives)."""
-
-
 def decode_samples(src: Iterable[dict | BatchEnd], counter: SkipCounter) -> Iterator[dict | BatchEnd]:
     """Raw tar members -> {"key", "url", "meta", "images": {ref: RGB PIL image}}, validated.
 
-    After this stage every sample's JSON is parsed, every image decoded, and the format (DESIGN §2) holds.
+    After this stage every sample's JSON is parsed, every image decoded to upright 8-bit RGB as the converters
+    store it (`image_decode.py`: bit depths scaled, alpha on white, decompression bombs skipped as
+    `bad_image`), and the format (DESIGN §2) holds.
     """
     for raw in src:
         if isinstance(raw, BatchEnd):
@@ -93,8 +89,8 @@ def decode_samples(src: Iterable[dict | BatchEnd], counter: SkipCounter) -> Iter
             for name, value in raw.items():
                 ref, _, ext = name.rpartition(".")
                 if ext.lower() in IMAGE_EXTENSIONS and ref and not name.startswith("__"):
-                    images[ref] = _decode_image(value)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+                    images[ref] = decode_rgb(value)
+        except ImageError as err:
             counter.add("bad_image", f"{where}.{name}: {err}")
             continue
         try:
@@ -103,12 +99,6 @@ def decode_samples(src: Iterable[dict | BatchEnd], counter: SkipCounter) -> Iter
             counter.add(err.reason, f"{where}: {err.detail}")
             continue
         yield {"key": key, "url": url, "meta": meta, "images": images}
-
-
-def _decode_image(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()  # force the decode here so a truncated file fails in this stage
-    return img.convert("RGB")
 
 
 def process_samples(
@@ -171,9 +161,10 @@ class ShardStream(wds.DataPipeline):
         shuffle_buffer: int = 500,
         seed: int = 0,
         loop: bool = True,
-        partial_batches: bool = True,
+        remainder: Remainder = "spread",
         epoch_samples: int | None = None,
         source: EpochSource | ResampledSource | None = None,
+        count: Callable[[list[str]], list[int]] = shard_sizes,
     ):
         """
         Args:
@@ -181,20 +172,20 @@ class ShardStream(wds.DataPipeline):
             resampled: Draw shards with replacement (endless) instead of exact epochs.
             shuffle_buffer: Samples per shuffle block; 0 reads in order (shard order too).
             loop: Direct iteration only: run epoch after epoch (True) or one epoch (False).
-            partial_batches: Exact epochs: plan every sample (the last steps hold smaller batches); False
-                keeps only full batches and leaves the epoch's last N mod (W·B) samples out.
+            remainder: Exact epochs: `spread` plans every sample (the last steps hold smaller batches); `drop`
+                keeps only full batches and leaves the epoch's last N mod (W·B) samples out (`BatchPlan`).
             epoch_samples: Resampled: samples per epoch (None: the shards' total; endless when iterated
                 directly).
             source: The first stage (e.g. a `MixedSource`); None builds it from `urls`.
+            count: Samples of each shard of `urls` (the data module passes the counts rank 0 made).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         if source is None:
-            sizes = shard_sizes(urls)
+            sizes = count(urls)
             if resampled:
                 source = ResampledSource(urls, sizes, seed, epoch_samples)
             else:
-                remainder: Remainder = "spread" if partial_batches else "drop"
                 source = EpochSource(urls, sizes, seed, shuffle=shuffle_buffer > 0, remainder=remainder)
         self.source = source
         self.processor, self.collate_fn, self.batch_size = processor, collate_fn, batch_size
@@ -226,12 +217,6 @@ class ShardStream(wds.DataPipeline):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.processor.set_epoch(epoch)  # e.g. the Coconut curriculum grows with the epoch
-
-    def worker_position(self, epoch: int, rank: int, world: int, worker: int, workers: int, steps_done: int) -> dict:
-        """How far logical worker `worker` of rank `rank` got after `steps_done` steps of `epoch`."""
-        batches = len(range(worker, steps_done, workers))
-        view = WorkerView(epoch, rank, world, worker, workers, self.batch_size)
-        return {"worker": worker, "batches_done": batches, "samples_done": self.source.prefix(view, batches)}
 
     def describe(self) -> dict:
         """What a saved position depends on (checked when a state is loaded)."""
@@ -300,7 +285,7 @@ class ShardStream(wds.DataPipeline):
                 yield self._filler()
             current = []
 
-    def _filler(self) -> FillerBatch:
+    def _filler(self) -> Batch:
         """A one-sample batch for a step whose samples were all bad: the worker's last good sample, else the
         first usable one found reading on from this rank's range."""
         sample = self._last
@@ -313,8 +298,7 @@ class ShardStream(wds.DataPipeline):
                 raise RuntimeError(f"rank {self._view.rank}: a planned batch had no usable sample and none of the next "
                                    f"{FILLER_PROBE_LIMIT} samples is usable either; see the skip warnings above")
             self._last = sample
-        batch = self.collate_fn([sample])
-        return FillerBatch(**{f.name: getattr(batch, f.name) for f in fields(Batch)})
+        return replace(self.collate_fn([sample]), filler=True)
 
 
 class EpochLoader:
@@ -373,34 +357,30 @@ class EpochLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        """The epoch, the steps taken, and every (rank, logical worker)'s position in its slot sequence."""
-        s = self.stream
+        """The epoch and the steps taken (every rank's and worker's position follows from them and the plan),
+        and what that plan depends on (checked by `load_state_dict`)."""
         return {
             "epoch": self.epoch,
             "steps_done": self.steps_done,
             "steps": self.batches,
             "world_size": self.world_size,
             "num_workers": self.workers,
-            **s.describe(),
-            "ranks": [
-                [s.worker_position(self.epoch, r, self.world_size, k, self.workers, self.steps_done)
-                 for k in range(self.workers)]
-                for r in range(self.world_size)
-            ],
+            **self.stream.describe(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state: the next epoch `state["epoch"]` starts at step `steps_done`.
 
-        A mid-epoch state must come from the same layout (ranks, workers, batch size, data); a finished
-        epoch's state fits any layout.
+        A mid-epoch state must come from the same layout (ranks, workers, batch size, data): otherwise a
+        `ConfigError` names what changed (a setting a state of an older version lacks is not compared); a
+        finished epoch's state fits any layout.
         """
         if state["steps_done"] < state["steps"]:
             now = {"world_size": self.world_size, "num_workers": self.workers, **self.stream.describe()}
-            changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+            changed = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
             if changed:
                 detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-                raise ValueError(
+                raise ConfigError(
                     f"cannot resume the data stream mid-epoch (epoch {state['epoch']}, step {state['steps_done']} of "
                     f"{state['steps']}) with a different layout ({detail}); resume with the saved settings, or "
                     f"from a checkpoint taken at an epoch's end"

@@ -14,7 +14,7 @@ preprocessing is the vision library's own transform handed in by the model.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
@@ -57,6 +57,11 @@ class SequenceLayout:
     """Slots c per replaced step."""
     coconut_growth: int = 0
     """Steps added to `coconut_steps` per epoch (k grows with the epoch). The final step is never replaced."""
+
+    def deterministic(self) -> "SequenceLayout":
+        """This layout without training-time augmentation (`aux_dropout`, the Coconut curriculum's growth): what
+        validation and test render, the same in every epoch."""
+        return replace(self, aux_dropout=0.0, coconut_growth=0)
 
 
 @dataclass

@@ -21,6 +21,9 @@ their data. A slot whose sample cannot be read (damage past a tar's cut) comes o
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
+import os
 import random
 import tarfile
 from dataclasses import dataclass
@@ -68,6 +71,13 @@ def read_range(url: str, start: int, stop: int, counter: SkipCounter) -> Iterato
         counter.add("unread_after_damage", f"{url}: planned samples {got}..{stop - 1} could not be read", stop - got)
         for _ in range(stop - got):
             yield None
+
+
+def shards_digest(urls: list[str], sizes: list[int]) -> str:
+    """A short digest of the shards' file names and sample counts, in order: positions saved against one
+    shard set mean other samples in another, also when the total is the same."""
+    names = [[os.path.basename(u), n] for u, n in zip(urls, sizes)]
+    return hashlib.sha1(json.dumps(names).encode()).hexdigest()[:12]
 
 
 def _seeded(*parts) -> random.Random:
@@ -132,7 +142,7 @@ class EpochSource:
 
     def describe(self) -> dict:
         return {"source": self.kind, "samples": self.samples, "shards": len(self.urls), "seed": self.seed,
-                "remainder": self.remainder}
+                "remainder": self.remainder, "shard_sizes": shards_digest(self.urls, self.sizes)}
 
 
 def resampled_slots(urls: list[str], sizes: list[int], rng: random.Random, start: int, counter: SkipCounter,
@@ -189,7 +199,8 @@ class ResampledSource:
         return self.slots(view, 0, counter)
 
     def describe(self) -> dict:
-        return {"source": self.kind, "samples": self.epoch_samples, "shards": len(self.urls), "seed": self.seed}
+        return {"source": self.kind, "samples": self.epoch_samples, "shards": len(self.urls), "seed": self.seed,
+                "shard_sizes": shards_digest(self.urls, self.sizes)}
 
 
 @dataclass

@@ -93,10 +93,12 @@ class SkipSummary:
         """Damaged shard reads."""
         return sum(self.events.values())
 
-    def metrics(self) -> dict[str, float]:
-        """What the trainer logs per epoch (each summed over ranks)."""
-        return {"data/skipped": float(self.lost), "data/damage_events": float(self.damage_events),
-                "data/truncated": float(sum(self.kept.values()))}
+    def metrics(self, split: str = "train") -> dict[str, float]:
+        """What the trainer logs per epoch of `split` (each summed over ranks): `data/skipped`,
+        `data/damage_events`, `data/truncated` for training, `data/{split}_skipped` … for the others."""
+        prefix = "data/" if split == "train" else f"data/{split}_"
+        return {f"{prefix}skipped": float(self.lost), f"{prefix}damage_events": float(self.damage_events),
+                f"{prefix}truncated": float(sum(self.kept.values()))}
 
     def message(self) -> str:
         """`lost 1 sample by reason {...}; 1 damaged shard read {...}`, or "" when nothing was lost or damaged."""

@@ -2,7 +2,7 @@
 
 A shard is a sequence of samples: consecutive members sharing a key (`KEY.json`, `KEY.img0.png`, …) form
 one sample, numbered 0, 1, … in file order. The data pipeline plans epochs in these positions, so this
-module offers the two views of a shard that must agree: `count_samples` (from member headers only) and
+module offers the two views of a shard that must agree: `sample_keys` (from member headers only) and
 `shard_samples` (the samples at positions [start, stop), reading member data only for those).
 
 Python's `tarfile` in stream mode (what webdataset uses, so `pipe:` and HTTP URLs work) ends a tar quietly
@@ -13,12 +13,13 @@ samples read before the damage. The caller knows how many samples the shard shou
 ones it never received.
 
 The trade-off: a sample starts when the key changes or a member name repeats within a key, exactly as
-in `count_samples`; webdataset would reject a repeated name, here it makes a new sample that validation
+in `sample_keys`; webdataset would reject a repeated name, here it makes a new sample that validation
 then rejects and counts, so positions never drift between counting and reading.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tarfile
@@ -26,9 +27,15 @@ from typing import Iterator
 
 from webdataset.gopen import gopen
 
+log = logging.getLogger(__name__)
+
 BLOCK = 512
 
 _NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+class UnreadableShard(OSError):
+    """A shard whose samples cannot be counted: the file or stream cannot be read (not archive damage)."""
 
 
 class DamagedTar(IOError):
@@ -93,29 +100,37 @@ def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str,
         tf.members = []  # do not keep every TarInfo in memory
 
 
-def count_samples(url: str) -> int:
-    """Samples in one shard, from member headers. A local file is read by seeking past member data.
+def sample_keys(url: str) -> list[str]:
+    """The key of every sample in one shard, in order, from member headers. A local file is read by seeking
+    past member data.
 
-    The count stops quietly where the archive is damaged (as `tarfile` does); the samples counted are the
-    ones `shard_samples` can at least start to read. An unreadable file counts 0.
+    Where the archive itself is damaged (a corrupt header, bytes cut short) the list stops there, as
+    `tarfile` does: those are the samples `shard_samples` can at least start to read, and the reader counts
+    the rest when it gets there. A shard that cannot be read at all (no such file, a failing `pipe:`
+    command or connection) raises `UnreadableShard`: a short count would give this rank a different plan.
     """
     positions = _Positions()
+    keys: list[str] = []
     try:
         if os.path.isfile(url):
             with tarfile.open(url, mode="r:*") as tf:
                 for _, key, suffix in _sample_members(tf):
-                    positions.feed(key, suffix)
+                    if positions.feed(key, suffix):
+                        keys.append(key)
         else:
             stream = gopen(url)
             try:
                 with tarfile.open(fileobj=stream, mode="r|*") as tf:
                     for _, key, suffix in _sample_members(tf):
-                        positions.feed(key, suffix)
+                        if positions.feed(key, suffix):
+                            keys.append(key)
             finally:
-                stream.close()
-    except (tarfile.TarError, OSError, EOFError):
-        pass  # damage: keep what was counted (the reader reports it when it gets there)
-    return positions.pos + 1
+                stream.close()  # a `pipe:` command that failed raises here
+    except (tarfile.TarError, EOFError) as err:  # damage inside the archive: keep what was counted
+        log.warning("shard %s is damaged after %d sample(s) (%s); the reader counts what it loses", url, len(keys), err)
+    except OSError as err:
+        raise UnreadableShard(f"shard {url} cannot be read to count its samples: {err}") from None
+    return keys
 
 
 def shard_samples(url: str, start: int = 0, stop: int | None = None) -> Iterator[dict]:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from mmlatent.evaluation.protocols import ProtocolName
 from mmlatent.evaluation.runner import EvalConfig, generate_responses, score, summarize, write_outputs
 from mmlatent.evaluation.tasks import EvalData, load_eval_data
 from mmlatent.model.latent_vlm import LatentVLM
@@ -64,6 +65,7 @@ class EvalCallback(L.Callback):
         every_n_epochs: int = 1,
         output_dir: str | None = None,
         cache_dir: str | None = None,
+        protocol: ProtocolName | None = None,
     ):
         """
         Args:
@@ -78,6 +80,8 @@ class EvalCallback(L.Callback):
             every_n_epochs: Evaluate after every n-th validation epoch.
             output_dir: Where rank 0 writes samples.jsonl, results.json, results.png per epoch (None: only log).
             cache_dir: datasets cache folder (default: the HF cache).
+            protocol: Scoring protocol (`llava`, `scienceqa`, `lmms-eval` for ScienceQA; `mmmu`, `lmms-eval`
+                for MMMU; default: the task's first).
         """
         super().__init__()
         if every_n_epochs < 1:
@@ -87,13 +91,15 @@ class EvalCallback(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.output_dir = output_dir
         self.cache_dir = cache_dir
+        self.protocol = protocol
         self.eval_data: EvalData | None = None
         self.last_results: dict[str, Any] | None = None
 
     def load(self) -> EvalData:
         if self.eval_data is None:
             self.eval_data = load_eval_data(
-                self.task, self.data, self.split, self.subset, self.limit, cache_dir=self.cache_dir
+                self.task, self.data, self.split, self.subset, self.limit, cache_dir=self.cache_dir,
+                protocol=self.protocol,
             )
         return self.eval_data
 
@@ -106,7 +112,7 @@ class EvalCallback(L.Callback):
         data = self.load()
         mine = data.questions[rank::world_size]
         generated = generate_responses(model, data, mine, self.cfg)
-        return score(mine, [g.text for g in generated], generated)
+        return score(mine, [g.text for g in generated], generated, data.task)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:

@@ -2,15 +2,16 @@
 
     mmlatent eval --task mmmu --data MMMU/MMMU --split validation --model CKPT_OR_EXPORT_DIR --output OUT \
         [--limit N] [--batch-size B] [--latent | --no-latent] [--open-latent] \
-        [--latent-intervention {none,zero,noise,swap}]
+        [--latent-intervention {none,zero,noise,swap}] [--protocol P] [--stop S]
     mmlatent eval --task synthetic --data data/synth/val --model CKPT --output OUT --latent-intervention zero
-    mmlatent eval --task mmmu --data DIR --split validation --responses R.jsonl --output OUT
+    mmlatent eval --task scienceqa --data DIR --responses R.jsonl --output OUT --protocol scienceqa
 
 `--model` takes a Lightning checkpoint (`.ckpt`, read by `training.checkpoint_reader` with `weights_only=True`)
-or an exported folder or Hub id (`LatentVLM.from_pretrained`). The last line printed is a
-JSON summary. Plain argparse keeps this command independent of the Lightning CLI; the trade-off is that
-its options are listed here rather than derived from the config dataclass (`EvalConfig` still holds
-their meaning).
+or an exported folder or Hub id (`LatentVLM.from_pretrained`). `--protocol` names the official scorer whose
+rules judge the answers (`protocols.py`). It prints the breakdown as the official scripts tabulate it; the
+last line printed is a JSON summary. Plain argparse keeps this command independent of the Lightning CLI;
+the trade-off is that its options are listed here rather than derived from the config dataclass
+(`EvalConfig` still holds their meaning).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from mmlatent.evaluation.metrics import breakdown_table
+from mmlatent.evaluation.protocols import MMMU_PROTOCOLS, SCIENCEQA_PROTOCOLS
 from mmlatent.evaluation.runner import EvalConfig, evaluate, rescore
 from mmlatent.evaluation.tasks import TASKS, load_eval_data
 from mmlatent.model.interventions import INTERVENTIONS
@@ -68,19 +71,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-intervention", choices=INTERVENTIONS, default=EvalConfig.latent_intervention,
                    help="Replace every latent input by zeros, noise of its norm, or another question's latents "
                         "(swap, within a batch) to measure how much the answers depend on them.")
+    p.add_argument("--protocol", default=None, choices=sorted({*SCIENCEQA_PROTOCOLS, *MMMU_PROTOCOLS}),
+                   help="Whose official rules read the answer: ScienceQA `llava` (default), `scienceqa` (the authors' "
+                        "'The answer is X.'), `lmms-eval`; MMMU `mmmu` (default), `lmms-eval`.")
+    p.add_argument("--stop", action="append", default=[], metavar="S",
+                   help="Cut each answer before this string (repeatable; lmms-eval's `until`, e.g. --stop $'\\n\\n').")
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens,
                    help="Most generated positions per question (text tokens and latent steps).")
     p.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
     p.add_argument("--revision", default=None, help="Hub revision of --data.")
     p.add_argument("--model-revision", default=None, help="Hub revision of --model (a Hub model id).")
     p.add_argument("--cache-dir", default=None, help="datasets cache folder (default: the HF cache).")
+    p.add_argument("--allow-partial", action="store_true", help="shards/synthetic: read a folder without a complete "
+                   "manifest.json, or a brace pattern some of whose files are missing.")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     return p
 
 
 def headline(results: dict) -> dict:
     """The summary line printed last."""
-    keys = ("task", "split", "subset", "num", "correct", "acc", "acc_ci95", "unparsed", "missing", "trigger_rate")
+    keys = ("task", "split", "subset", "protocol", "num", "correct", "acc", "acc_ci95", "acc_if_guessed", "unparsed",
+            "missing", "trigger_rate")
     return {k: results[k] for k in keys if k in results}
 
 
@@ -93,7 +104,8 @@ def main(argv: list[str]) -> None:
         p.error("--batch-size must be >= 1")
     try:
         data = load_eval_data(
-            args.task, args.data, args.split, args.subset, args.limit, args.revision, args.cache_dir
+            args.task, args.data, args.split, args.subset, args.limit, args.revision, args.cache_dir,
+            protocol=args.protocol, allow_partial=args.allow_partial,
         )
         if args.responses is not None:
             results = rescore(data, args.responses, args.output)
@@ -103,11 +115,12 @@ def main(argv: list[str]) -> None:
             cfg = EvalConfig(
                 batch_size=args.batch_size, latent=args.latent, max_new_tokens=args.max_new_tokens,
                 open_latent=args.open_latent, latent_intervention=args.latent_intervention,
-                progress=not args.no_progress,
+                progress=not args.no_progress, stop=tuple(args.stop),
             )
             results = evaluate(model, data, cfg, args.output, model_name=args.model)
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))
+    print(breakdown_table(results))
     print(f"wrote {args.output}/samples.jsonl, results.json, results.png"
           + (", submission.json" if args.task == "mmmu" else ""))
     print(json.dumps(headline(results)))

@@ -132,3 +132,35 @@ def scienceqa_breakdown(records: list[dict[str, Any]]) -> dict[str, Any]:
         "overall": overall(records).as_dict(),
         "groups": {g: groups.get(g, Tally()).as_dict() for g in SCIENCEQA_GROUPS},
     }
+
+
+def _percent(tally: dict[str, Any]) -> str:
+    """An accuracy as the official tables print it (two decimals, in %); `-` for an empty group."""
+    return "-" if tally["acc"] is None else f"{100 * tally['acc']:.2f}"
+
+
+def breakdown_table(results: dict[str, Any]) -> str:
+    """The results' breakdown as the official scripts print it, in %, headed by the protocol: ScienceQA's
+    `get_scores` row (NAT … Avg); MMMU's disciplines, each with its subjects, and the overall score; for
+    shards each group, one per line."""
+    head = f"{results['task']} {results['split']} ({results['subset']}), protocol {results['protocol']}: {results['protocol_source']}"
+    b = results["breakdown"]
+    if "groups" in b:
+        names = list(b["groups"])
+        width = max(7, *(len(n) + 2 for n in names))
+        return "\n".join([head, "".join(n.ljust(width) for n in names),
+                          "".join(_percent(b["groups"][n]).ljust(width) for n in names)])
+    subjects = dict(b.get("subjects", {}))
+    rows = []
+    for key, groups in b.items():
+        if key in ("overall", "subjects"):
+            continue
+        for name, t in groups.items():
+            if key != "disciplines":
+                rows.append((f"{key}: {name}", t))
+                continue
+            rows.append((name, t))  # MMMU: each discipline, then its subjects (the official printable_results)
+            rows += [(f"  {s}", subjects.pop(s)) for s in MMMU_DISCIPLINES.get(name, ()) if s in subjects]
+    rows += [(f"  {s}", t) for s, t in subjects.items()] + [("Overall", b["overall"])]
+    width = max(len(name) for name, _ in rows) + 2
+    return "\n".join([head] + [f"{name.ljust(width)}{_percent(t).rjust(7)}  ({t['num']})" for name, t in rows])

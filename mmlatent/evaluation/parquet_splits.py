@@ -15,7 +15,6 @@ finding which rows have images never copies image bytes.
 
 from __future__ import annotations
 
-import io
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
+
+from mmlatent.data.image_decode import decode_rgb, to_rgb
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -90,18 +91,19 @@ def image_presence(ds, column: str) -> list[bool]:
 
 
 def open_image(value: Any, root: Path | None = None) -> Image.Image | None:
-    """An HF image value (struct with bytes or path, a PIL image, or None) as an RGB PIL image."""
+    """An HF image value (struct with bytes or path, a PIL image, or None) as an RGB PIL image, decoded as the
+    shard reader decodes training images (`mmlatent.data.image_decode`)."""
     if value is None:
         return None
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_rgb(value)
     if isinstance(value, dict):
         if value.get("bytes"):
-            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+            return decode_rgb(value["bytes"])
         if value.get("path"):
             path = Path(value["path"])
             if not path.is_absolute() and root is not None and (root / path).exists():
                 path = root / path
-            return Image.open(path).convert("RGB")
+            return decode_rgb(path.read_bytes())
         return None
     raise TypeError(f"cannot read an image from a {type(value).__name__}")

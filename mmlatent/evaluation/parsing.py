@@ -3,27 +3,28 @@
 Multiple choice (`parse_multi_choice_response`): strip punctuation at the ends, pad with spaces, then look
 for candidates in three tiers: a bracketed letter `(A)`; else a bare letter ` A `; else, only for responses
 longer than 5 words, the option text (case-insensitive). With several candidates the one mentioned last
-wins (largest `rfind` index of the form that matched). Open questions (`parse_open_response`): keep the
-tail after indicator phrases ("so ", "is ", "answer ", "=" in the last sentence, …), add every number found
-in it (commas, scientific notation, plain), normalise (numbers to floats rounded to 2 decimals, text to
-lower case), and `eval_open` accepts a numeric equality or a gold string contained in a predicted string.
+wins (largest `rfind` index of the form that matched). lmms-eval's `mmmu_val` parses with a variant of it
+(`lmms_eval=True`, its `_task_utils/mmmu_mcq_utils.parse_mmmu_multi_choice_response`): the bare-letter tier
+asks only for a space after the letter (`A `, so also `CAB `), and a tier `A.` comes before the option text.
+Open questions (`parse_open_response`, the same in both): keep the tail after indicator phrases ("so ",
+"is ", "answer ", "=" in the last sentence, …), add every number found in it (commas, scientific notation,
+plain), normalise (numbers to floats rounded to 2 decimals, text to lower case), and `eval_open` accepts a
+numeric equality or a gold string contained in a predicted string.
 
-The one deliberate departure, and its trade-off: where the official scorer picks a random letter for an
-unparsable multiple-choice response (seed 42, so scores shift with the order of questions), we return None,
-count the answer wrong and report how many were unparsed. Scores are then a lower bound of the official
-ones by at most `unparsed / (options)` in expectation, and they are reproducible and order-independent.
-ScienceQA letters are parsed by the same multiple-choice function.
+The one departure, and its trade-off: where the official scorer picks a random letter for an unparsable
+multiple-choice response (seed 42, so scores shift with the order of questions), we return None; the
+protocol (`protocols.py`) counts the answer wrong, reports how many were unparsed and the expected accuracy
+had they been guessed. Scores are then reproducible and order-independent.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 from mmlatent.benchmarks import QuestionType, choice_letters, parse_gold
 
-__all__ = ["Judgement", "QuestionType", "choice_letters", "judge", "parse_gold", "parse_multi_choice_response",
-           "parse_open_response", "eval_multi_choice", "eval_open"]
+__all__ = ["QuestionType", "choice_letters", "parse_gold", "parse_multi_choice_response", "parse_open_response",
+           "eval_multi_choice", "eval_open"]
 
 _STRIP_CHARS = (",", ".", "!", "?", ";", ":", "'")
 """Characters stripped, one after the other, from both ends of a multiple-choice response."""
@@ -39,8 +40,11 @@ _NUM_SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
 _NUM_SIMPLE = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
 
 
-def parse_multi_choice_response(response: str, all_choices: list[str], index2ans: dict[str, str]) -> str | None:
-    """The letter the response picks, or None where the official scorer would guess at random."""
+def parse_multi_choice_response(
+    response: str, all_choices: list[str], index2ans: dict[str, str], lmms_eval: bool = False
+) -> str | None:
+    """The letter the response picks, or None where the scorer would guess at random. `lmms_eval`: the
+    variant of lmms-eval's `mmmu_val` (bare letter `A ` without the space before it, then `A.`)."""
     for char in _STRIP_CHARS:
         response = response.strip(char)
     response = " " + response + " "  # spaces on both ends let ` A ` match at the edges
@@ -52,10 +56,10 @@ def parse_multi_choice_response(response: str, all_choices: list[str], index2ans
         if f"({choice})" in response:
             candidates.append(choice)
             ans_with_brack = True
-    if not candidates:
-        for choice in all_choices:  # A B C D as words
-            if f" {choice} " in response:
-                candidates.append(choice)
+    bare_tiers = (" {} ",) if not lmms_eval else ("{} ", "{}.")
+    for tier in bare_tiers:  # A B C D as words (lmms-eval: "A " anywhere, then "A.")
+        if not candidates:
+            candidates = [choice for choice in all_choices if tier.format(choice) in response]
     if not candidates and len(response.split()) > 5:  # a longer response may name the option's text
         for index, ans in index2ans.items():
             if ans.lower() in response.lower():
@@ -67,7 +71,7 @@ def parse_multi_choice_response(response: str, all_choices: list[str], index2ans
         return candidates[0]
     if index_ans and ans_with_brack:
         starts = [response.rfind(f"({c})") for c in candidates]
-    elif index_ans:
+    elif index_ans:  # both variants rank bare letters by " A " (-1 when only "A." or "CAB " matched)
         starts = [response.rfind(f" {c} ") for c in candidates]
     else:
         starts = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
@@ -158,30 +162,3 @@ def eval_open(gold: str | list[str], preds: list[str | float]) -> bool:
         elif pred in norm_answers:
             return True
     return False
-
-
-@dataclass
-class Judgement:
-    """The verdict on one response."""
-
-    prediction: str | None
-    """Multiple choice: the parsed letter (None if unparsable). Open: the response itself, the form the
-    official submission file takes."""
-    correct: bool | None
-    """Whether the prediction matches the gold answer; None when the split has no gold answers."""
-    unparsed: bool
-    """Multiple choice: no letter could be parsed (the official scorer would guess). Open: empty response."""
-    parsed: list[str | float] = field(default_factory=list)
-    """Open questions: the normalised candidates that were matched against the gold answers."""
-
-
-def judge(question_type: QuestionType, choices: list[str], gold: str | list[str] | None, response: str) -> Judgement:
-    """Parse `response` as the official scorer does and compare it with `gold`."""
-    if question_type == "multiple-choice":
-        letters = choice_letters(len(choices))
-        pred = parse_multi_choice_response(response, letters, dict(zip(letters, choices)))
-        correct = None if gold is None else (pred is not None and eval_multi_choice(gold, pred))
-        return Judgement(prediction=pred, correct=correct, unparsed=pred is None)
-    parsed = parse_open_response(response)
-    correct = None if gold is None else eval_open(gold, parsed)
-    return Judgement(prediction=response, correct=correct, unparsed=not response.strip(), parsed=parsed)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mmlatent.evaluation.parsing import QuestionType
+from mmlatent.evaluation.protocols import MMMU_PROTOCOLS, Judgement, Protocol, judge
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Question:
 
 
 class Task(ABC):
-    """A benchmark: which parquet files to read, how rows become questions, how results break down."""
+    """A benchmark: which parquet files to read, how rows become questions, how answers are judged (the
+    protocol), how results break down."""
 
     name: ClassVar[str]
     """Registry name (`--task`)."""
@@ -57,12 +59,22 @@ class Task(ABC):
     """Split read when `--split` is not given."""
     image_columns: ClassVar[tuple[str, ...]]
     """Columns holding images, in image-number order."""
+    protocols: ClassVar[dict[str, Protocol]] = MMMU_PROTOCOLS
+    """The scoring protocols that apply, by name; the first is the default."""
 
-    def __init__(self, subset: str = "full"):
+    def __init__(self, subset: str = "full", protocol: str | None = None):
         if subset not in ("full", "img"):
             raise ValueError(f"subset must be 'full' or 'img', got {subset!r}")
+        if protocol is not None and protocol not in self.protocols:
+            raise ValueError(f"--protocol {protocol!r} does not apply to {self.name}; choose from {list(self.protocols)}")
         self.subset = subset
         """`full`: every question; `img`: only questions with at least one image (ScienceQA's IMG set)."""
+        self.protocol = self.protocols[protocol or next(iter(self.protocols))]
+        """The official scorer whose rules judge the answers (`protocols.py`)."""
+
+    def judge(self, question: Question, response: str) -> Judgement:
+        """The verdict on `response` under this task's protocol."""
+        return judge(question.question_type, question.choices, question.gold, response, self.protocol)
 
     def select_files(self, groups: dict[str, list[Path]]) -> list[Path]:
         """Parquet files to read, from the split's files grouped by folder (config). Default: all of them."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from mmlatent.atomic import write_text
 from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
 from mmlatent.evaluation.metrics import overall, wilson_interval
-from mmlatent.evaluation.parsing import judge
-from mmlatent.evaluation.question import Question
+from mmlatent.evaluation.protocols import judge
+from mmlatent.evaluation.question import Question, Task
 from mmlatent.evaluation.tasks import EvalData
 from mmlatent.model.generation import GenerationConfig, Generated, generate_from_prompts
 from mmlatent.model.interventions import Intervention
@@ -53,10 +53,22 @@ class EvalConfig:
     question's latents from the same batch; needs `batch_size` >= 2), or `none`."""
     max_new_tokens: int = 128
     """Most generated positions per question (text tokens and latent steps)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings (lmms-eval's `until`): each answer is cut before the first one it contains. Decoding runs
+    on to the end-of-turn token or `max_new_tokens`; what comes after a stop string never changes what
+    came before it, so the cut text is what stopping there gives (the counts include the positions after)."""
     sort_by_length: bool = True
     """Batch questions of similar prompt length together (less padding); outputs keep dataset order."""
     progress: bool = True
     """Show a progress bar."""
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
+    """`text` up to the first occurrence of any stop string (lmms-eval's `until`); empty strings are ignored."""
+    for s in stop:
+        if s:
+            text = text.split(s)[0]
+    return text
 
 
 def _no_pixels(_image: object) -> Tensor:
@@ -134,7 +146,7 @@ def generate_responses(
                 # (N_img, 3, H, W): the batch's images in prompt order
                 pixel_values = torch.cat(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)
                 for i, g in zip(chunk, generate_from_prompts(model, prompts, pixel_values, gen_cfg)):
-                    out[i] = g
+                    out[i] = replace(g, text=cut_at_stop(g.text, cfg.stop)) if cfg.stop else g
                 bar.update(len(chunk))
     finally:
         model.train(was_training)
@@ -142,13 +154,14 @@ def generate_responses(
 
 
 def score(
-    questions: list[Question], responses: list[str], generated: list[Generated] | None = None
+    questions: list[Question], responses: list[str], generated: list[Generated] | None = None, task: Task | None = None
 ) -> list[dict[str, Any]]:
     """Output lines: id, prompt, response, prediction, correct, unparsed, the gold answer and the category
-    fields (plus the normalised candidates of open questions and the generation counts)."""
+    fields (plus the normalised candidates of open questions, the chance of an official guess and the
+    generation counts). Answers are judged by `task`'s protocol (without a task: MMMU's parser)."""
     records = []
     for k, (q, response) in enumerate(zip(questions, responses)):
-        verdict = judge(q.question_type, q.choices, q.gold, response)
+        verdict = task.judge(q, response) if task is not None else judge(q.question_type, q.choices, q.gold, response)
         record: dict[str, Any] = {
             "id": q.id,
             "prompt": q.prompt_text(),
@@ -162,6 +175,8 @@ def score(
         }
         if q.question_type == "open":
             record["parsed"] = verdict.parsed
+        if verdict.guess_chance is not None:
+            record["guess_chance"] = verdict.guess_chance
         if generated is not None:
             record["latent_steps"] = generated[k].latent_steps
             record["entered_latent"] = generated[k].entered_latent
@@ -171,17 +186,23 @@ def score(
 
 
 def summarize(data: EvalData, records: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """The results object: where the data came from, overall accuracy, unparsed count and breakdowns."""
+    """The results object: where the data came from, the scoring protocol, overall accuracy, unparsed count
+    (and, where the protocol's official code guesses, the expected accuracy with its guesses) and breakdowns."""
     total = overall(records)
+    protocol = data.task.protocol
     out = {
         "task": data.task.name,
         "data": data.data,
         "split": data.split,
         "subset": data.task.subset,
+        "protocol": protocol.name,
+        "protocol_source": protocol.source,
         **total.as_dict(),
         "acc_ci95": wilson_interval(total.correct, total.scored),
-        "breakdown": data.task.breakdown(records),
     }
+    if protocol.guesses and total.scored:
+        out["acc_if_guessed"] = (total.correct + sum(r.get("guess_chance", 0.0) for r in records)) / total.scored
+    out["breakdown"] = data.task.breakdown(records)
     if records and "entered_latent" in records[0]:  # answers generated here (not re-scored ones)
         out["trigger_rate"] = sum(bool(r["entered_latent"]) for r in records) / len(records)
         out["positions_per_answer"] = sum(r["positions"] for r in records) / len(records)
@@ -215,7 +236,7 @@ def evaluate(
     t0 = time.perf_counter()
     generated = generate_responses(model, data, data.questions, cfg)
     seconds = time.perf_counter() - t0
-    records = score(data.questions, [g.text for g in generated], generated)
+    records = score(data.questions, [g.text for g in generated], generated, data.task)
     results = summarize(
         data, records, model=model_name, eval=asdict(cfg),
         timing={"seconds": round(seconds, 3), "seconds_per_question": round(seconds / max(len(records), 1), 4)},
@@ -226,17 +247,22 @@ def evaluate(
 
 
 def read_responses(path: str | Path) -> dict[str, str]:
-    """`{id: response}` from a JSON-lines file of `{"id", "response"}` objects (later lines win)."""
+    """`{id: response}` from a JSON-lines file of `{"id", "response"}` objects; an id given twice is an error
+    naming both lines (which of two answers to score is not ours to guess)."""
     out: dict[str, str] = {}
+    lines: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                out[str(row["id"])] = str(row["response"] if row["response"] is not None else "")
+                qid, response = str(row["id"]), str(row["response"] if row["response"] is not None else "")
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}:{n}: expected a JSON object with 'id' and 'response' ({err})") from err
+            if qid in lines:
+                raise ValueError(f"{path}:{n}: response id {qid!r} appears twice (first on line {lines[qid]})")
+            out[qid], lines[qid] = response, n
     return out
 
 
@@ -252,7 +278,7 @@ def rescore(data: EvalData, responses_path: str | Path, out_dir: str | Path | No
             f"e.g. {unknown[:3]}"
         )
     answered = [q for q in data.questions if q.id in responses]
-    records = score(answered, [responses[q.id] for q in answered])
+    records = score(answered, [responses[q.id] for q in answered], task=data.task)
     results = summarize(data, records, responses=str(responses_path), missing=len(data.questions) - len(answered))
     if out_dir is not None:
         write_outputs(out_dir, data, records, results)

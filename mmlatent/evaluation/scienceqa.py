@@ -3,8 +3,8 @@
 The prompt is the LLaVA / lmms-eval one, built by `mmlatent.benchmarks` (as for converted ScienceQA training
 data): the image first when there is one, then `Context: {hint}` when the hint is not empty, the question,
 the options as `A. …` lines and "Answer with the option's letter from the given choices directly.". The
-answer column is the index of the right choice; it becomes a letter and the response's letter is parsed by
-the MMMU multiple-choice parser.
+answer column is the index of the right choice; it becomes a letter, compared with the letter the chosen
+protocol's official scorer reads from the response (LLaVA's by default; `protocols.py`).
 
 Category fields follow the official `get_scores`: `subject`, `grade`, and three context flags, `has_text`
 (hint not empty), `has_image` and `no_context` (neither). The image subset is the questions that have an
@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from mmlatent.benchmarks import letter, scienceqa_content, scienceqa_hint
 from mmlatent.evaluation.metrics import scienceqa_breakdown
+from mmlatent.evaluation.protocols import SCIENCEQA_PROTOCOLS
 from mmlatent.evaluation.question import Question, Task
 
 FULL_CONFIG = "ScienceQA-FULL"
@@ -34,6 +35,7 @@ class ScienceQATask(Task):
     default_data: ClassVar[str] = "derek-thomas/ScienceQA"
     default_split: ClassVar[str] = "test"
     image_columns: ClassVar[tuple[str, ...]] = ("image",)
+    protocols = SCIENCEQA_PROTOCOLS
 
     def select_files(self, groups: dict[str, list[Path]]) -> list[Path]:
         if len(groups) <= 1:

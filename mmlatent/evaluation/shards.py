@@ -69,14 +69,19 @@ class ShardsTask(Task):
     default_split: ClassVar[str] = "shards"
     image_columns: ClassVar[tuple[str, ...]] = ()
 
-    def read(self, data: str, limit: int | None = None) -> tuple[list[Question], ShardImages]:
-        """The questions of the shards at `data` (in shard order) and their images."""
+    def read(self, data: str, limit: int | None = None, allow_partial: bool = False) -> tuple[list[Question], ShardImages]:
+        """The questions of the shards at `data` (in shard order) and their images; a partial shard set is an
+        error unless `allow_partial` (`expand_shards`), and so is a sample key seen twice."""
         counter = SkipCounter()
-        raw = (s for url in expand_shards(data, "--data") for s in shard_samples(url))
+        raw = (s for url in expand_shards(data, "--data", allow_partial) for s in shard_samples(url))
         decoded = decode_samples(raw, counter)
-        questions, images = [], {}
+        questions, images, where = [], {}, {}
         for sample in islice(decoded, limit):
             q, imgs = question_of(sample)
+            if q.id in where:
+                raise ValueError(f"sample key {q.id!r} appears twice: {where[q.id]} and {sample['url']}; every question "
+                                 f"needs its own key")
+            where[q.id] = sample["url"]
             if self.subset == "img" and not imgs:
                 continue
             questions.append(q)

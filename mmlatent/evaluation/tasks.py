@@ -24,10 +24,10 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (MMMUTask, ScienceQATask, Sha
 """Benchmarks by `--task` name."""
 
 
-def get_task(name: str, subset: str = "full") -> Task:
+def get_task(name: str, subset: str = "full", protocol: str | None = None) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
-    return TASKS[name](subset)
+    return TASKS[name](subset, protocol)
 
 
 class ImageSource(Protocol):
@@ -90,14 +90,17 @@ def load_eval_data(
     limit: int | None = None,
     revision: str | None = None,
     cache_dir: str | None = None,
+    protocol: str | None = None,
+    allow_partial: bool = False,
 ) -> EvalData:
     """Read a benchmark split. `data`/`split` default to the task's Hub id and usual split; `limit` keeps
-    the first N questions (after the subset)."""
-    t = get_task(task, subset)
+    the first N questions (after the subset); `protocol` names the scorer (default: the task's first);
+    `allow_partial` reads a shard set that may be partial."""
+    t = get_task(task, subset, protocol)
     data = data or t.default_data
     split = split or t.default_split
     if isinstance(t, ShardsTask):
-        questions, images = t.read(data, limit)
+        questions, images = t.read(data, limit, allow_partial)
         return EvalData(task=t, data=data, split=split, image_source=images, questions=questions)
     root = resolve_root(data, split, revision)
     groups = split_files(root, split)

@@ -71,6 +71,8 @@ class BenchmarkResult:
     """Overall accuracy, as the results file states it."""
     unparsed: int | None = None
     """Responses no answer could be parsed from, when the results file counts them."""
+    protocol: str | None = None
+    """The scoring protocol that produced the accuracy (`llava`, `mmmu`, ...), when the results file names it."""
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -145,6 +147,7 @@ def _result(item: Any, where: str) -> BenchmarkResult:
         split=item.get("split"),
         accuracy=float(accuracy),
         unparsed=int(unparsed) if isinstance(unparsed, (int, float)) else None,
+        protocol=item.get("protocol") if isinstance(item.get("protocol"), str) else None,
     )
 
 
@@ -176,7 +179,7 @@ def card_data(
             dataset_name=r.dataset_name,
             dataset_split=r.split,
             metric_type="accuracy",
-            metric_name="Accuracy",
+            metric_name="Accuracy" if r.protocol is None else f"Accuracy ({r.protocol} protocol)",
             metric_value=r.accuracy,
         )
         for r in results
@@ -265,10 +268,10 @@ def card_body(
                          "are in `training/hparams.json`; stage configs passed to the export are in `training/`.")
             lines += ["", "```json", json.dumps({"stage": stage, "optim": optim}, indent=2, sort_keys=True), "```"]
     if results:
-        lines += ["", "## Evaluation", "", "| Benchmark | Split | Accuracy | Unparsed |", "| --- | --- | --- | --- |"]
+        lines += ["", "## Evaluation", "", "| Benchmark | Split | Protocol | Accuracy | Unparsed |", "| --- | --- | --- | --- | --- |"]
         for r in results:
             unparsed = "" if r.unparsed is None else str(r.unparsed)
-            lines.append(f"| {r.dataset_name} (`{r.dataset_id}`) | {r.split or ''} | {r.accuracy:g} | {unparsed} |")
+            lines.append(f"| {r.dataset_name} (`{r.dataset_id}`) | {r.split or ''} | {r.protocol or ''} | {r.accuracy:g} | {unparsed} |")
     if files:
         lines += ["", "## Files", "", *[f"- `{f}`" for f in files]]
     return "\n".join(lines) + "\n"

@@ -110,17 +110,16 @@ class Generated:
 
 
 def split_prompts(
-    input_ids: Tensor, prompt_lengths: Tensor, pixel_values: Tensor, image_id: int, tokens_per_image: int, pad_id: int
+    input_ids: Tensor, starts: Tensor, prompt_lengths: Tensor, pixel_values: Tensor, image_id: int, tokens_per_image: int
 ) -> tuple[list[Tensor], Tensor]:
     """Cut each row of a padded (B, L) training batch to its prompt and keep only the prompt images.
 
-    A row's prompt starts at its first non-pad token (collate may left-pad to align assistant turns; a chat
-    never starts with the pad token). Returns the B prompt id tensors and the (N_prompt_img, 3, H, W)
-    images they reference, in order.
+    Row b's prompt is `input_ids[b, starts[b] : starts[b] + prompt_lengths[b]]` (collate left-pads rows to
+    align their assistant turns and records where each row starts). Returns the B prompt id tensors and the
+    (N_prompt_img, 3, H, W) images they reference, in order.
     """
     prompts, keep, first = [], [], 0
-    for row, n in zip(input_ids, prompt_lengths.tolist()):
-        start = int((row != pad_id).nonzero()[0])
+    for row, start, n in zip(input_ids, starts.tolist(), prompt_lengths.tolist()):
         prompt = row[start : start + n]
         n_all = int((row == image_id).sum()) // tokens_per_image
         n_prompt = int((prompt == image_id).sum()) // tokens_per_image
@@ -320,11 +319,11 @@ def generate_voted(
 
 
 def generate(
-    model: LatentVLM, input_ids: Tensor, prompt_lengths: Tensor, pixel_values: Tensor, cfg: GenerationConfig,
-    extract: Callable[[str], str | None] = lambda text: text,
+    model: LatentVLM, input_ids: Tensor, starts: Tensor, prompt_lengths: Tensor, pixel_values: Tensor,
+    cfg: GenerationConfig, extract: Callable[[str], str | None] = lambda text: text,
 ) -> list[Generated]:
-    """Generate from the prompts of a training-layout batch (right-padded, prompt lengths known)."""
+    """Generate from the prompts of a training-layout batch (each row's start and prompt length known)."""
     prompts, prompt_pixels = split_prompts(
-        input_ids, prompt_lengths, pixel_values, model.ids.image, model.tokens_per_image, model.ids.pad
+        input_ids, starts, prompt_lengths, pixel_values, model.ids.image, model.tokens_per_image
     )
     return generate_voted(model, prompts, prompt_pixels, cfg, extract)

@@ -91,9 +91,9 @@ class NativeBackboneConfig(PretrainedSource):
     """Freeze the projector (Qwen2.5-VL's patch merger, LLaVA's multi-modal projector)."""
     freeze_lm: bool = False
     """Freeze the language model (decoder, embeddings, head); LoRA freezes it anyway."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer in the backward pass instead of storing its activations (also inside
-    the KV-cached latent loop; see `ReplayCache`)."""
+
+    RETIRED: ClassVar[dict[str, str]] = {"gradient_checkpointing": "model.acceleration.gradient_checkpointing"}
+    """Fields of older versions and where they went: an old checkpoint or export that holds one still loads."""
 
 
 class ReplayCache(DynamicCache):
@@ -186,8 +186,6 @@ class NativeBackbone(Backbone):
         self._active_cache: Cache | None = None  # the cache of the forward in progress (for checkpointing)
         self.setup_images()  # sets tokens_per_image and token_grid
         self._freeze()
-        if cfg.gradient_checkpointing:
-            self._enable_checkpointing()
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -251,8 +249,9 @@ class NativeBackbone(Backbone):
                 for module in modules:
                     module.requires_grad_(False)
 
-    def _enable_checkpointing(self) -> None:
-        """Checkpoint the decoder layers (and the vision blocks when the tower trains), cache included."""
+    def enable_checkpointing(self) -> None:
+        """Checkpoint the decoder layers (and the vision blocks when the tower trains), cache included
+        (`model.acceleration.gradient_checkpointing` turns it on)."""
         self.vlm.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
         )

@@ -61,10 +61,8 @@ def apply_acceleration(model, cfg: AccelerationConfig, trains_with_kv_cache: boo
     training forward runs the latent loop on a KV cache)."""
     backbone = model.backbone
     if cfg.gradient_checkpointing:
-        native = getattr(backbone, "cfg", None)
-        if native is not None and hasattr(native, "gradient_checkpointing"):
-            if not native.gradient_checkpointing:
-                backbone._enable_checkpointing()  # the native backbone's cache-safe checkpointing
+        if hasattr(backbone, "enable_checkpointing"):
+            backbone.enable_checkpointing()  # the native backbone's cache-safe checkpointing
         elif trains_with_kv_cache:
             raise ValueError(
                 "model.acceleration.gradient_checkpointing: the composed backbone's checkpointed layers drop the KV "

@@ -6,8 +6,10 @@ states both and they cannot drift. The tokenizer, image transform and image-toke
 own and are read from the trainer's model at `setup`; a layout that is not the model stage's is an error
 naming both. Training and evaluation read exact epochs: every
 sample once per epoch across all ranks and workers, every rank the same ⌈N ÷ (W × B)⌉ steps, the last
-step or two holding smaller batches (`epoch_remainder`, see `data/plan.py`). The sample count N is
-counted from the shards themselves; a `manifest.json` count that disagrees is reported. The resampled
+step or two holding smaller batches (`remainder`, see `data/plan.py`). The sample count N is
+counted from the shards themselves, once, by rank 0 at `setup`, and shared with every rank (a partial set,
+a shard that cannot be read or a key seen twice stops the run there, as does a teacher cache that lacks a
+key the splits hold); a `manifest.json` count that disagrees is reported. The resampled
 mode and mixtures serve endless streams cut into epochs of `samples ÷ (W × B)` full batches. The train
 loader is stateful, so a checkpoint holds every rank's and worker's position and a resume continues the
 stream where it stopped. Settings that cannot work fail at start with a message naming the field.
@@ -17,16 +19,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import lightning as L
 import torch
 
 from mmlatent.config_io import ConfigError
-from mmlatent.data.mixture import MixtureConfig, mixture_loader
+from mmlatent.data.mixture import MixtureConfig, mixture_loader, resolve_sources
 from mmlatent.data.pipeline import EpochLoader, ShardStream
+from mmlatent.data.plan import Remainder
 from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
-from mmlatent.data.shards import expand_shards, manifest_count
+from mmlatent.data.shards import expand_shards, manifest_count, shard_keys, shard_sizes, shared
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,10 @@ class SplitConfig:
     samples: int | None = None
     """Samples in the split; None reads it from `manifest.json` in the folder or its parent. It sizes the
     epochs of the resampled mode; exact epochs count the shards' samples and only compare with it."""
+    allow_partial: bool = False
+    """Read a set that may be partial: a folder without a complete `manifest.json` (an interrupted
+    conversion, or shards written by another tool) or a brace pattern some of whose files are missing.
+    False: either is an error at start naming what is missing."""
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -57,7 +63,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         processor: ProcessorConfig = ProcessorConfig(),
         mixture: MixtureConfig | None = None,
-        epoch_remainder: Literal["spread", "drop"] = "spread",
+        remainder: Remainder = "spread",
         pin_memory: bool = True,
         layout: SequenceLayout | None = None,
         teacher_layout: SequenceLayout | None = None,
@@ -75,7 +81,7 @@ class ShardDataModule(L.LightningDataModule):
             processor: Sequence-length limit and the policy for longer samples.
             mixture: Train on several shard sets drawn by weight (e.g. Monet's six subsets) instead of
                 `train`; each set's shards are drawn with replacement. None: train on `train`.
-            epoch_remainder: Exact epochs whose sample count is not a multiple of ranks × batch size: `spread`
+            remainder: Exact epochs whose sample count is not a multiple of ranks × batch size: `spread`
                 trains on every sample, the last step or two of each rank holding smaller batches; `drop`
                 keeps every batch full and leaves the epoch's last N mod (W × B) samples out (they change
                 from epoch to epoch as the shard order is reshuffled). Evaluation always uses `spread`.
@@ -96,7 +102,7 @@ class ShardDataModule(L.LightningDataModule):
         self.seed = seed
         self.processor_cfg = processor
         self.mixture = mixture
-        self.epoch_remainder = epoch_remainder
+        self.remainder = remainder
         self.pin_memory = pin_memory
         self.layout = layout if layout is not None else SequenceLayout()
         self.teacher_layout = teacher_layout
@@ -104,6 +110,8 @@ class ShardDataModule(L.LightningDataModule):
         self._train_loader: EpochLoader | None = None
         self._train_state: dict | None = None
         self._eval_processor: Processor | None = None
+        self._counts: dict[str, int] = {}
+        """Samples of every shard counted at `setup` (by rank 0, the same on every rank), by URL."""
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be at least 1")
         if num_workers < 0:
@@ -114,16 +122,57 @@ class ShardDataModule(L.LightningDataModule):
         self._processor, self._eval_processor = train, evaluation
 
     def setup(self, stage: str) -> None:
+        module = self.trainer.lightning_module
         if self._processor is None:
-            module = self.trainer.lightning_module
             self._check_layout(module)
             self.attach_model(module.model)
+        splits = self._split_urls(stage)
+        if any(u not in self._counts for urls in splits.values() for u in urls):  # the same answer on every rank
+
+            def broadcast(obj: object) -> object:
+                return self.trainer.strategy.broadcast(obj, src=0)
+
+            self._counts.update(shared(lambda: self._count(splits, module), self.global_rank, broadcast))
+
+    def _split_urls(self, stage: str) -> dict[str, list[str]]:
+        """The shard URLs of every split `stage` reads, by split name (a mixture's sets count as one split)."""
+        out = {}
+        if stage == "fit" and self.mixture is not None:
+            out["train"] = [u for s in resolve_sources(self.mixture, expand_shards, manifest_count) for u in s.urls]
+        elif stage == "fit":
+            out["train"] = self._urls(self.train_cfg, "train")
+        if self.val_cfg is not None:
+            out["val"] = self._urls(self.val_cfg, "val")
+        return out
+
+    @staticmethod
+    def _urls(split: SplitConfig, name: str) -> list[str]:
+        return expand_shards(split.shards, f"data.{name}.shards", split.allow_partial)
+
+    def _count(self, splits: dict[str, list[str]], module) -> dict[str, int]:
+        """Count every split's samples (keys seen twice are an error) and let the module check the keys it needs
+        (a teacher cache must hold every one) before the first step."""
+        keys = {name: shard_keys(urls) for name, urls in splits.items()}
+        check = getattr(module, "check_sample_keys", None)
+        if check is not None:
+            check({name: [k for shard in shards for k in shard] for name, shards in keys.items()})
+        return {u: len(k) for name, urls in splits.items() for u, k in zip(urls, keys[name])}
+
+    def _sizes(self, urls: list[str]) -> list[int]:
+        """Samples of each shard: the counts `setup` shared, else counted here (without a Trainer)."""
+        if all(u in self._counts for u in urls):
+            return [self._counts[u] for u in urls]
+        return shard_sizes(urls)
 
     def attach_model(self, model) -> None:
-        """Build the processor from `model`'s tokenizer and image transform and this module's layouts
-        (`setup` does this with the trainer's model; benchmarks call it without a Trainer)."""
-        processor = Processor.for_model(model, self.layout, self.processor_cfg, self.teacher_layout)
-        self.attach_processors(processor, processor)
+        """Build the processors from `model`'s tokenizer and image transform and this module's layouts
+        (`setup` does this with the trainer's model; benchmarks call it without a Trainer): training renders
+        the layouts as configured, validation, test and predict without their training-time augmentation
+        (`SequenceLayout.deterministic`)."""
+        train = Processor.for_model(model, self.layout, self.processor_cfg, self.teacher_layout)
+        teacher = self.teacher_layout.deterministic() if self.teacher_layout is not None else None
+        evaluation = Processor.for_model(model, self.layout.deterministic(), self.processor_cfg, teacher)
+        self.attach_processors(train, evaluation)
 
     def _check_layout(self, module) -> None:
         """Fail at start if this module's layouts are not the ones the model's stage trains on."""
@@ -149,7 +198,7 @@ class ShardDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def _loader(self, split: SplitConfig, name: str, train: bool) -> EpochLoader:
-        urls = expand_shards(split.shards, f"data.{name}.shards")
+        urls = self._urls(split, name)
         resampled = train and self.resampled
         manifest = split.samples if split.samples is not None else manifest_count(split.shards)
         if resampled and manifest is None:
@@ -164,8 +213,9 @@ class ShardDataModule(L.LightningDataModule):
             resampled=resampled,
             shuffle_buffer=self.shuffle_buffer if train else 0,
             seed=self.seed,
-            partial_batches=not train or self.epoch_remainder == "spread",
+            remainder=self.remainder if train else "spread",
             epoch_samples=manifest if resampled else None,
+            count=self._sizes,
         )
         if not resampled:
             counted = stream.source.samples
@@ -179,19 +229,22 @@ class ShardDataModule(L.LightningDataModule):
                              f"data.batch_size={self.batch_size}: {err}") from None
         # more workers than steps would only idle; evaluation sets are small
         num_workers = min(self.num_workers, steps) if not train else self.num_workers
-        pin = self.pin_memory and torch.cuda.is_available()
-        return EpochLoader(stream, num_workers, rank=self.global_rank, world_size=self.world_size, pin_memory=pin)
+        return EpochLoader(stream, num_workers, rank=self.global_rank, world_size=self.world_size, pin_memory=self._pin())
+
+    def _pin(self) -> bool:
+        return self.pin_memory and torch.cuda.is_available()
 
     def train_dataloader(self) -> EpochLoader:
         if self.mixture is not None:
             loader = mixture_loader(
                 self.mixture, self._processor, batch_size=self.batch_size, num_workers=self.num_workers,
                 rank=self.global_rank, world_size=self.world_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+                count=self._sizes, pin_memory=self._pin(),
             )
         else:
             loader = self._loader(self.train_cfg, "train", train=True)
         if self._train_state is not None:
-            loader.load_state_dict(self._train_state)
+            self._resume(loader, self._train_state)
             self._train_state = None
         self._train_loader = loader
         return loader
@@ -208,9 +261,17 @@ class ShardDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         state = state_dict.get("train_loader")
         if state is not None and self._train_loader is not None:
-            self._train_loader.load_state_dict(state)
+            self._resume(self._train_loader, state)
         else:
             self._train_state = state  # for the loader `train_dataloader` builds next
+
+    def _resume(self, loader: EpochLoader, state: dict) -> None:
+        """Put the saved stream position into `loader`; a resume whose data settings differ names the checkpoint."""
+        try:
+            loader.load_state_dict(state)
+        except ConfigError as err:
+            ckpt = getattr(self.trainer, "ckpt_path", None) if self.trainer is not None else None
+            raise ConfigError(f"--ckpt_path={ckpt}: {err}" if ckpt else str(err)) from None
 
     def _eval_split(self) -> tuple[SplitConfig, str]:
         if self.val_cfg is None:

@@ -2,8 +2,8 @@
 
 Like open_clip's task wrapper, the module owns no loss logic: the stage returns named `*_loss` terms, the
 module adds them up, logs each, and steps the optimiser with the one LR schedule of `optim.py`. It also
-keeps the data pipeline's skip counts (riding on each batch) and logs them per epoch, so a run on bad
-shards says what it dropped. Hyper-parameters are saved as plain dicts so checkpoints load with
+keeps the data pipeline's skip counts (riding on each batch, fillers included) per split and logs them
+per epoch, so a run on bad shards says what it dropped. Hyper-parameters are saved as plain dicts so checkpoints load with
 `torch.load(weights_only=True)`.
 
 Fault tolerance and scale live in small helpers it calls: `fault.StepGuard` decides (identically on all
@@ -26,9 +26,9 @@ from torch import Tensor
 
 from mmlatent.config_io import from_dict
 from mmlatent.data.batch import Batch
-from mmlatent.data.pipeline import FillerBatch, SkipSummary
+from mmlatent.data.skips import SkipSummary
 from mmlatent.data.processor import SequenceLayout
-from mmlatent.evaluation.parsing import judge
+from mmlatent.evaluation.protocols import judge
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.generation import GenerationConfig, generate
 from mmlatent.model.latent_vlm import LatentVLM
@@ -103,7 +103,8 @@ class LatentVLMModule(L.LightningModule):
                 log.info("init_from %s: %d tensors not in the checkpoint keep their fresh init: %s", init_from, len(fresh), fresh)
         self.stage = build_stage(self.stage_cfg)
         self.stage_cfg.grounding.check(self.model)
-        self.skipped: Counter = Counter()
+        self.skipped: dict[str, Counter] = {split: Counter() for split in ("train", "val", "test")}
+        """Samples the data pipeline skipped in the current epoch of each split, by reason."""
         self.guard = StepGuard(self.fault_cfg)
         self.filler_steps = 0
         self._accelerated = False
@@ -116,6 +117,11 @@ class LatentVLMModule(L.LightningModule):
         """(layout, online teacher's layout) this stage trains on: what the data module's must equal."""
         slots = self.vlm_cfg.latent.slots
         return self.stage.layout(slots), self.stage.online_teacher_layout(slots)
+
+    def check_sample_keys(self, keys: dict[str, list[str]]) -> None:
+        """The data module hands over every sample key of the splits the run reads before step 1; a teacher
+        cache that lacks one (or belongs to another stage or model) stops the run here, naming it."""
+        self.stage.check_sample_keys(self.model, keys)
 
     def configure_model(self) -> None:
         """Before the strategy wraps the model: DDP defaults, gradient checkpointing, torch.compile (once)."""
@@ -131,12 +137,24 @@ class LatentVLMModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self.stage.to(self.device)
 
+    def _real(self, batch: Batch, split: str) -> bool:
+        """Count the batch's skips for `split`; whether it carries real samples (a filler carries none)."""
+        self.skipped[split].update(batch.skipped)
+        return not batch.filler
+
+    def _log_skips(self, split: str) -> None:
+        """Log and report the split's skip counts of the epoch (summed over ranks)."""
+        summary = SkipSummary.of(self.skipped[split])
+        for name, value in summary.metrics(split).items():  # e.g. data/skipped, data/val_skipped
+            self.log(name, value, reduce_fx="sum", sync_dist=True)
+        if summary.message():
+            log.warning("%s epoch %d: %s", split, self.current_epoch, summary.message())
+
     def _step(self, batch: Batch, prefix: str) -> Tensor:
-        self.skipped.update(batch.skipped)
         out = self.stage.forward(self.model, batch)
         losses = self.stage.losses(self.model, batch, out)
         total = torch.stack(list(losses.values())).sum()
-        if isinstance(batch, FillerBatch):  # a stand-in for a step without data: run it, learn nothing, log nothing
+        if batch.filler:  # a stand-in for a step without data (training only): run it, learn nothing, log nothing
             return total * 0.0
         bs, sync = len(batch), prefix != "train"
         for name, value in losses.items():
@@ -166,7 +184,7 @@ class LatentVLMModule(L.LightningModule):
 
     def _count_answers(self, batch: Batch) -> None:
         """Generate the batch's answers and add (right, judged) to the epoch's counts (`val_answers`)."""
-        outs = generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+        outs = generate(self.model, batch.input_ids, batch.starts, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
         for g, gold, choices in zip(outs, batch.answers, batch.choices):
             verdict = judge("multiple-choice" if choices else "open", choices, gold, g.text)
             self._answer_counts += torch.tensor([bool(verdict.correct), 1.0], dtype=torch.float64)
@@ -174,20 +192,24 @@ class LatentVLMModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._observation_counts = torch.zeros(2, dtype=torch.float64)
         self._answer_counts = torch.zeros(2, dtype=torch.float64)
+        self.skipped["val"].clear()
 
     def on_validation_epoch_end(self) -> None:
         self._log_observation_acc("val")
         if self.val_answers:
             self._log_ratio("val/answer_acc", self._answer_counts)
+        self._log_skips("val")
 
     def on_test_epoch_start(self) -> None:
         self._observation_counts = torch.zeros(2, dtype=torch.float64)
+        self.skipped["test"].clear()
 
     def on_test_epoch_end(self) -> None:
         self._log_observation_acc("test")
+        self._log_skips("test")
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        filler = isinstance(batch, FillerBatch)
+        filler = not self._real(batch, "train")
         self.filler_steps += filler
         loss = self._step(batch, "train")
         self.guard.check(loss, batch.keys, filler, self.global_step, self.current_epoch, batch_idx)
@@ -202,37 +224,33 @@ class LatentVLMModule(L.LightningModule):
         optimizer.step(closure=lambda: result)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        if isinstance(batch, FillerBatch):
+        if not self._real(batch, "val"):
             return None
         if self.val_answers:
             self._count_answers(batch)
         return self._step(batch, "val")
 
     def test_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        return None if isinstance(batch, FillerBatch) else self._step(batch, "test")
+        return self._step(batch, "test") if self._real(batch, "test") else None
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
         """Generate an answer for each sample's prompt (the chat up to the assistant turn)."""
-        if isinstance(batch, FillerBatch):
+        if batch.filler:
             return []
-        outs = generate(self.model, batch.input_ids, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
+        outs = generate(self.model, batch.input_ids, batch.starts, batch.prompt_lengths, batch.pixel_values, self.gen_cfg)
         return [
             {"key": k, "response": g.text, "answer": a, "positions": g.positions, "latent_steps": g.latent_steps}
             for k, g, a in zip(batch.keys, outs, batch.answers)
         ]
 
     def on_train_epoch_start(self) -> None:
-        self.skipped.clear()
+        self.skipped["train"].clear()
         self.filler_steps = 0
 
     def on_train_epoch_end(self) -> None:
-        summary = SkipSummary.of(self.skipped)
-        for name, value in summary.metrics().items():  # data/skipped (samples), data/damage_events, data/truncated
-            self.log(name, value, reduce_fx="sum", sync_dist=True)
+        self._log_skips("train")  # data/skipped (samples), data/damage_events, data/truncated
         self.log("data/filler_steps", float(self.filler_steps), reduce_fx="sum", sync_dist=True)
         self.log("train/skipped_steps", float(self.guard.skipped_steps), sync_dist=True)  # the same on every rank
-        if summary.message():
-            log.warning("epoch %d: %s", self.current_epoch, summary.message())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Every rank's RNG states (a collective: every rank dumps the checkpoint, rank 0 writes it)."""

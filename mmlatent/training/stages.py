@@ -111,6 +111,10 @@ class Stage:
         """Move whatever the stage holds (an online teacher) to the model's device."""
         return self
 
+    def check_sample_keys(self, model: LatentVLM, keys: dict[str, list[str]]) -> None:
+        """Before step 1, with every sample key of every split the run reads: fail if the stage cannot serve
+        one of them (a teacher cache that lacks it)."""
+
 
 @dataclass
 class AnchoredOutput(LMOutput):
@@ -269,11 +273,16 @@ class _Distillation(Stage):
         if t.cache is not None:
             self._cache = TeacherCache(t.cache)
             if self._cache.kind != self.positions:
-                raise ValueError(f"stage.teacher.cache {t.cache} holds {self._cache.kind} states; {self.name} needs {self.positions}")
+                self._cache.check(self.positions, 0, 0, {})  # raises, naming the file and both kinds
         else:
             from mmlatent.training.checkpoint_reader import load_model
 
             self._teacher = load_model(t.checkpoint).requires_grad_(False)
+
+    def check_sample_keys(self, model: LatentVLM, keys: dict[str, list[str]]) -> None:
+        if self.align_weight > 0 and self.cfg.teacher.cache is not None:  # an online teacher serves any sample
+            self.load_teacher()
+            self._cache.check(self.positions, model.backbone.num_layers, model.backbone.hidden_size, keys)
 
     def to(self, device: torch.device) -> "_Distillation":
         self.load_teacher()

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor
 
-from mmlatent.atomic import atomic_path, write_text
+from mmlatent.atomic import write_bytes, write_text
+from mmlatent.config_io import ConfigError
 from mmlatent.data.batch import Batch
 from mmlatent.data.masks import observation_mask
 from mmlatent.model.latent_loop import latent_forward
@@ -74,23 +75,64 @@ def teacher_states(model: LatentVLM, view: Batch, kind: Positions) -> list[Tenso
     return gather_states(out.hidden_states, target_positions(model, view.input_ids, kind))
 
 
+STAGE_OF: dict[str, str] = {"observation": "stage2", "latent": "stage3"}
+"""The stage that reads a cache of each kind of positions (`mmlatent teacher --stage`)."""
+
+
 class TeacherCache:
-    """Reads a teacher-state cache folder: `states(keys)` -> the tensors, in order."""
+    """Reads a teacher-state cache folder: `states(keys)` -> the tensors, in order.
+
+    Opening reads `index.json`; `check` (at start, before step 1) opens every part's header, so a damaged
+    cache, one for the other stage or another model, or one that lacks a sample is a `ConfigError` naming
+    the file and the cause instead of a failure mid-run.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         index = self.folder / INDEX
         if not index.is_file():
-            raise FileNotFoundError(f"teacher cache {self.folder}: no {INDEX} (write it with `mmlatent teacher`)")
-        meta = json.loads(index.read_text())
-        self.kind: Positions = meta["positions"]
-        self.keys: dict[str, str] = meta["keys"]
+            raise ConfigError(f"teacher cache {self.folder}: no {INDEX} (write it with `mmlatent teacher`; an "
+                              f"interrupted run leaves none)")
+        try:
+            meta = json.loads(index.read_text())
+            self.kind: Positions = meta["positions"]
+            self.keys: dict[str, str] = meta["keys"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"teacher cache {index} cannot be read: {err!r}") from None
         self._open: dict[str, object] = {}
 
     def _part(self, name: str):
         if name not in self._open:
-            self._open[name] = safe_open(str(self.folder / name), framework="pt")
+            try:
+                self._open[name] = safe_open(str(self.folder / name), framework="pt")
+            except (OSError, SafetensorError) as err:
+                raise ConfigError(f"teacher cache part {self.folder / name} cannot be read: {err}") from None
         return self._open[name]
+
+    def check(self, kind: Positions, layers: int, width: int, keys: dict[str, list[str]]) -> None:
+        """Fail naming the file unless the cache holds `kind` states of a `layers` × `width` model for every
+        sample key of every split in `keys`."""
+        if self.kind != kind:
+            raise ConfigError(
+                f"teacher cache {self.folder / INDEX} holds {self.kind} states (written with `mmlatent teacher "
+                f"--stage {STAGE_OF.get(self.kind, '?')}`); {STAGE_OF[kind]} aligns at {kind} positions: point "
+                f"stage.teacher.cache at a cache written with --stage {STAGE_OF[kind]}")
+        for split, wanted in keys.items():
+            missing = [k for k in wanted if k not in self.keys]
+            if missing:
+                raise ConfigError(
+                    f"teacher cache {self.folder}: no states for {len(missing)} of the {len(wanted)} samples of "
+                    f"data.{split} (e.g. {missing[0]!r}); write it with `mmlatent teacher --shards` over every split "
+                    f"this run reads")
+        for part in sorted(set(self.keys.values())):
+            self._part(part)  # reads the header: a missing or truncated part fails here
+        if self.keys:
+            key = next(iter(self.keys))
+            shape = self._part(self.keys[key]).get_slice(key).get_shape()  # (layers, n, D)
+            if shape[0] != layers or shape[-1] != width:
+                raise ConfigError(
+                    f"teacher cache {self.folder}: its states come from a model with {shape[0]} layers of width "
+                    f"{shape[-1]}, this model has {layers} of width {width} (a cache of another model?)")
 
     def states(self, keys: list[str]) -> list[Tensor]:
         missing = [k for k in keys if k not in self.keys]
@@ -104,7 +146,8 @@ def write_teacher_cache(
 ) -> tuple[int, Counter]:
     """Run `model` over teacher-view `batches` and write one safetensors part per batch.
 
-    Returns the number of samples cached and the samples the pipeline skipped, by reason.
+    Returns the number of samples cached and the samples the pipeline skipped, by reason (a filler batch,
+    which stands in for a batch of unusable samples, is not cached; its counts are kept).
     Parts are written under a temporary name and renamed, and the index last, so an interrupted run never
     leaves a cache that looks complete.
     """
@@ -114,18 +157,21 @@ def write_teacher_cache(
     out.mkdir(parents=True, exist_ok=True)
     keys: dict[str, str] = {}
     skipped: Counter = Counter()
+    parts = 0
     with tqdm(total=total, unit="sample", desc="teacher states") as bar:
-        for i, batch in enumerate(batches):
+        for batch in batches:
+            skipped.update(batch.skipped)
+            if batch.filler:
+                continue
             states = teacher_states(model, batch, kind)
-            part = f"part-{i:06d}.safetensors"
+            part = f"part-{parts:06d}.safetensors"
+            parts += 1
             tensors = {k: s.to(dtype).contiguous() for k, s in zip(batch.keys, states)}
             dupes = sorted(set(tensors) & set(keys))
             if dupes:
                 raise ValueError(f"sample key(s) {dupes[:5]} appear twice in the shards: the cache is keyed by sample key")
-            with atomic_path(out / part) as tmp:
-                save_file(tensors, str(tmp))
+            write_bytes(out / part, save(tensors))  # through `atomic`: a full disk names the part
             keys.update({k: part for k in tensors})
-            skipped.update(batch.skipped)
             bar.update(len(batch))
     write_text(out / INDEX, json.dumps({"format_version": FORMAT_VERSION, "positions": kind, "keys": keys}, indent=0))
     return len(keys), skipped

@@ -37,18 +37,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="samples per teacher forward")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="storage dtype")
     ap.add_argument("--workers", type=int, default=1, help="data-loader workers")
+    ap.add_argument("--allow-partial", action="store_true", help="read a folder without a complete manifest.json, "
+                    "or a brace pattern some of whose files are missing")
     args = ap.parse_args(argv)
 
     model = load_model(args.checkpoint)
     stage = build_stage(StageConfig(name=args.stage, align_weight=0.0))  # layouts only
     layout = stage.teacher_layout(model.cfg.latent.slots)
     processor = Processor.for_model(model, layout)
-    urls = [u for spec in args.shards for u in expand_shards(spec, "--shards")]
+    urls = [u for spec in args.shards for u in expand_shards(spec, "--shards", args.allow_partial)]
     counts = [manifest_count(spec) for spec in args.shards]
     total = None if None in counts else sum(counts)
     stream = ShardStream(
         urls, processor, processor.collate,
-        args.batch_size, shuffle_buffer=0, loop=False, partial_batches=True,
+        args.batch_size, shuffle_buffer=0, loop=False,
     )
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(args.workers, len(urls)))
     n, skipped = write_teacher_cache(

@@ -331,3 +331,35 @@ def test_convert_without_a_source_prints_a_short_usage(capsys):
     err = capsys.readouterr().err
     assert err.startswith("usage: mmlatent data convert monet --source PATH_OR_HUB_ID --out DIR [options]")
     assert "required" in err and "source" in err and len(err.splitlines()) <= 4 and "Traceback" not in err
+
+
+def test_an_image_path_outside_the_image_root_is_refused_and_counted(monet_root, tmp_path):
+    """`../…` or an absolute path elsewhere is never read, although the file exists; each record is counted."""
+    secret = save_png(tmp_path / "outside" / "secret.png", 5)
+    records = [record(0, GOOD),
+               record(1, GOOD[:1] + [image("../outside/secret.png"), GOOD[2]]),
+               record(2, GOOD[:1] + [image("Visual_CoT/../../outside/secret.png"), GOOD[2]]),
+               record(3, GOOD, question_image=secret)]  # absolute
+    (monet_root / "Visual_CoT" / "train.json").write_text(json.dumps(records))
+    out = tmp_path / "shards"
+    manifest = convert("monet", MonetConfig(source=str(monet_root), files=["Visual_CoT/train.json"]), str(out), opts())
+    assert manifest["written"] == 1 and manifest["skipped"] == {"image_outside_root": 3}
+    lines = [json.loads(x) for x in (out / "skips.jsonl").read_text().splitlines()]
+    assert [x["row"] for x in lines] == [1, 2, 3] and all("outside the image root" in x["detail"] for x in lines)
+
+
+def test_a_second_conversion_into_a_folder_in_use_is_refused_and_leaves_it_alone(monet_root, tmp_path, capsys):
+    from mmlatent.cli import main
+    from mmlatent.data.convert.folder_lock import folder_lock
+
+    out = tmp_path / "out"
+    (out / ".staging").mkdir(parents=True)
+    (out / ".staging" / "shard-000000.tar").write_bytes(b"the first conversion's shard in progress")
+    with folder_lock(out):  # the first conversion, still running
+        code = main(["data", "convert", "monet", "--source", str(monet_root), "--files", "[Visual_CoT/train.json]",
+                     "--out", str(out), "--workers", "0", "--progress", "false"])
+        assert (out / ".staging" / "shard-000000.tar").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is in use by another conversion" in err[0] and str(out) in err[0]
+    manifest = convert("monet", MonetConfig(source=str(monet_root), files=["Visual_CoT/train.json"]), str(out), opts())
+    assert manifest["written"] == 2 and not (out / ".convert.lock").exists()  # once it is free, it converts

@@ -51,7 +51,7 @@ def keys_of(sources: list[ResolvedSource], processor, n_batches: int, seed: int 
 
 
 def resolved(name: str, spec: str, weight: float) -> ResolvedSource:
-    return ResolvedSource(name, expand_shards(spec, name), weight, None)
+    return ResolvedSource(name, expand_shards(spec, name, allow_partial=True), weight, None)
 
 
 def test_samples_follow_the_weights_and_the_stream_is_reproducible(tmp_path, processor):
@@ -95,10 +95,12 @@ def test_bad_mixture_settings_name_the_field(tmp_path, processor):
 
     with pytest.raises(ValueError, match=r"data.mixture.sources\[1\].shards"):
         loader(MixtureComponent(shards=a), MixtureComponent(shards=str(tmp_path / "nowhere")))
-    with pytest.raises(ValueError, match=r"data.mixture.sources\[1\].weight is None"):
+    with pytest.raises(ValueError, match=r"data.mixture.sources\[1\].shards=.*no manifest.json.*allow_partial"):
         loader(MixtureComponent(shards=a), MixtureComponent(shards=str(bare)))
+    with pytest.raises(ValueError, match=r"data.mixture.sources\[1\].weight is None"):
+        loader(MixtureComponent(shards=a), MixtureComponent(shards=str(bare), allow_partial=True))
     with pytest.raises(ValueError, match="data.mixture.samples_per_epoch is not set"):
-        loader(MixtureComponent(shards=a), MixtureComponent(shards=str(bare), weight=1.0))
+        loader(MixtureComponent(shards=a), MixtureComponent(shards=str(bare), weight=1.0, allow_partial=True))
     with pytest.raises(ValueError, match="data.mixture.sources is empty"):
         loader()
 

@@ -8,7 +8,7 @@ import tarfile
 import torch
 from PIL import Image
 
-from mmlatent.data.pipeline import EpochLoader, FillerBatch, ShardStream
+from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
 from mmlatent.data.skips import SkipSummary
@@ -41,7 +41,7 @@ def test_a_truncated_tar_counts_one_lost_sample_and_one_damage_event(tmp_path):
     counts: dict[str, int] = {}
     keys = []
     for batch in loader:
-        keys += [] if isinstance(batch, FillerBatch) else batch.keys
+        keys += [] if batch.filler else batch.keys
         for reason, n in batch.skipped.items():
             counts[reason] = counts.get(reason, 0) + n
     assert len(keys) == 9 and "s0009" not in keys  # one sample was lost

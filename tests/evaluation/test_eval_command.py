@@ -57,8 +57,9 @@ def test_rescore_command(tmp_path, capsys):
     main(["--task", "mmmu", "--data", str(root), "--split", "validation", "--responses", str(responses),
           "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
     summary = last_json(capsys)
-    assert summary == {"task": "mmmu", "split": "validation", "subset": "full", "num": 2, "correct": 1, "acc": 0.5,
-                       "acc_ci95": pytest.approx([0.0945, 0.9055], abs=1e-4), "unparsed": 0, "missing": 2}
+    assert summary == {"task": "mmmu", "split": "validation", "subset": "full", "protocol": "mmmu", "num": 2, "correct": 1,
+                       "acc": 0.5, "acc_ci95": pytest.approx([0.0945, 0.9055], abs=1e-4), "acc_if_guessed": 0.5,
+                       "unparsed": 0, "missing": 2}
     submission = json.loads((tmp_path / "out" / "submission.json").read_text())
     assert submission == {"validation_Accounting_1": "A", "validation_Clinical_Medicine_1": "The dose is 2.5 mg."}
 

@@ -8,11 +8,11 @@ import pytest
 from mmlatent.evaluation.parsing import (
     eval_open,
     extract_numbers,
-    judge,
     parse_gold,
     parse_multi_choice_response,
     parse_open_response,
 )
+from mmlatent.evaluation.protocols import judge
 
 LETTERS = ["A", "B", "C", "D"]
 ANIMALS = dict(zip(LETTERS, ["cat", "dog", "bird", "big fish"]))

@@ -70,7 +70,7 @@ def exported(tmp_path_factory):
     results = root / "results.json"
     results.write_text(json.dumps([
         {"task": "mmmu", "split": "validation", "overall": {"accuracy": 0.31, "count": 900}, "unparsed": 4},
-        {"task": "scienceqa", "split": "test", "accuracy": 0.52},
+        {"task": "scienceqa", "split": "test", "accuracy": 0.52, "protocol": "llava"},
     ]))
     stages = []
     for i in (1, 2, 3):
@@ -256,9 +256,11 @@ def test_model_card_parses_with_huggingface_hub(exported):
     results = {r.dataset_type: r for r in data.eval_results}
     assert results["MMMU/MMMU"].metric_value == 0.31 and results["MMMU/MMMU"].dataset_split == "validation"
     assert results["derek-thomas/ScienceQA"].metric_value == 0.52
+    assert results["derek-thomas/ScienceQA"].metric_name == "Accuracy (llava protocol)"  # each score names its protocol
     header = yaml.safe_load(card.content.split("---")[1])
     assert header["model-index"][0]["results"][0]["metrics"][0]["type"] == "accuracy"
-    assert "# tiny-latent" in card.text and "| MMMU (`MMMU/MMMU`) | validation | 0.31 | 4 |" in card.text
+    assert "# tiny-latent" in card.text and "| MMMU (`MMMU/MMMU`) | validation |  | 0.31 | 4 |" in card.text
+    assert "| ScienceQA (`derek-thomas/ScienceQA`) | test | llava | 0.52 |  |" in card.text
     assert f'LatentVLM.from_pretrained("{REPO_ID}")' in card.text
 
 

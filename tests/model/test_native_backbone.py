@@ -190,10 +190,18 @@ def test_cached_generation_equals_greedy_recompute(hub_folders, kind):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_gradient_checkpointing_keeps_the_cached_loop_exact(hub_folders, kind):
-    """Recomputed layers read the cache as it was (ReplayCache): same loss and gradients as without."""
+    """Recomputed layers read the cache as it was (ReplayCache): same loss and gradients as without. The one
+    switch is `model.acceleration.gradient_checkpointing`."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from mmlatent.training.acceleration import AccelerationConfig, apply_acceleration
+
     results = []
     for checkpointing in (False, True):
-        model = load(hub_folders, kind, "thought", gradient_checkpointing=checkpointing).train()
+        model = load(hub_folders, kind, "thought").train()
+        apply_acceleration(model, AccelerationConfig(gradient_checkpointing=checkpointing), trains_with_kv_cache=True)
+        layers = [m for m in model.backbone.vlm.get_decoder().modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert layers and all(m.gradient_checkpointing == checkpointing for m in layers)
         ids, mask, pos, pixels = make_batch(model)
         out = latent_forward(model, ids, mask, pos, pixels)
         loss = out.logits[mask.bool()].logsumexp(-1).mean()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import torch
 
 from mmlatent.config_io import ConfigError
 from mmlatent.data.synthetic import SynthConfig, synthesize
@@ -52,3 +53,22 @@ def test_the_default_layout_is_stage_one_s(shards):
     module = LatentVLMModule()
     data = ShardDataModule(train=SplitConfig(shards=shards), val=SplitConfig(shards=""), batch_size=2, num_workers=0)
     assert (data.layout, data.teacher_layout) == module.data_layouts()
+
+
+def test_validation_renders_without_training_time_augmentation(tiny_model, synth_dir):
+    """aux_dropout and the Coconut curriculum's growth shape training's batches only: validation renders every
+    sample the same way in every epoch, with its aux images (the Qwen stage-1 recipe sets aux_dropout: 0.1)."""
+    from mmlatent.data.processor import SequenceLayout
+
+    image = tiny_model.ids.image
+    layout = SequenceLayout(aux_dropout=1.0, coconut_growth=1)  # every sample without aux images in training
+    data = ShardDataModule(train=SplitConfig(shards=str(synth_dir / "val")), val=SplitConfig(shards=str(synth_dir / "val")),
+                           batch_size=32, num_workers=0, shuffle_buffer=0, layout=layout)
+    data.attach_model(tiny_model)
+    train, val = next(iter(data.train_dataloader())), next(iter(data.val_dataloader()))
+    per_image = tiny_model.tokens_per_image
+    assert int((train.input_ids == image).sum()) == 32 * per_image  # the question images only
+    assert int((val.input_ids == image).sum()) > 32 * per_image  # the aux images are there
+    loader = data.val_dataloader()
+    loader.set_epoch(3)  # the curriculum would have replaced three steps by now
+    assert torch.equal(next(iter(loader)).input_ids, val.input_ids)

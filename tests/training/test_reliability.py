@@ -5,7 +5,6 @@ uninterrupted run ends."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlatent.data.pipeline import EpochLoader, FillerBatch, ShardStream
+from mmlatent.data.pipeline import EpochLoader, ShardStream
 from mmlatent.data.processor import Processor, ProcessorConfig, SequenceLayout
 from mmlatent.data.shard_writer import RawSample, write_shards
 from mmlatent.data.shards import shard_sizes
@@ -22,6 +21,7 @@ from mmlatent.data.skips import TAR_EVENTS
 from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
 from mmlatent.training.checkpointing import AtomicCheckpointIO
 from tests.fit_helpers import final_state, logged, recorded_steps, run_fit
+from tests.io_helpers import fill_the_disk, rewrite
 
 pytestmark = pytest.mark.reliability
 
@@ -46,18 +46,6 @@ def processor(tok, cfg: ProcessorConfig = ProcessorConfig()) -> Processor:
     return Processor(tok, lambda img: torch.zeros(3, 1, 1), 2, SequenceLayout(), cfg)
 
 
-def rewrite(tar_path, change) -> None:
-    """Rewrite a tar with `change(name, payload)` -> new payload, or None to leave the member out."""
-    with tarfile.open(tar_path) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-    with tarfile.open(tar_path, "w") as tf:
-        for m, payload in members:
-            payload = change(m.name, payload)
-            if payload is not None:
-                m.size = len(payload)
-                tf.addfile(m, io.BytesIO(payload))
-
-
 def epoch_on_ranks(urls, proc, world: int, batch_size: int, workers: int = 2, epoch: int = 0):
     """Every rank's batches of one epoch (the ranks as separate loaders, as DDP builds them)."""
     out = []
@@ -70,7 +58,7 @@ def epoch_on_ranks(urls, proc, world: int, batch_size: int, workers: int = 2, ep
 
 
 def tally(batches) -> tuple[list[str], dict[str, int]]:
-    keys = [k for b in batches if not isinstance(b, FillerBatch) for k in b.keys]
+    keys = [k for b in batches if not b.filler for k in b.keys]
     counts: dict[str, int] = {}
     for b in batches:
         for reason, n in b.skipped.items():
@@ -107,7 +95,7 @@ def test_damaged_shards_lose_only_what_is_damaged_and_every_rank_takes_equal_ste
     assert planned == 26  # (the data module reports the gap to the manifest's 30 at start)
     samples_skipped = sum(n for r, n in counts.items() if r not in TAR_EVENTS)
     assert len(keys) + samples_skipped == planned  # every planned sample is trained on or counted
-    assert any(isinstance(b, FillerBatch) for r in ranks for b in r)  # steps whose one sample was bad
+    assert any(b.filler for r in ranks for b in r)  # steps whose one sample was bad
 
 
 def test_overlong_samples_are_dropped_or_truncated_by_policy_and_counted(tmp_path, tok):
@@ -124,35 +112,14 @@ def test_overlong_samples_are_dropped_or_truncated_by_policy_and_counted(tmp_pat
         assert max(b.input_ids.shape[1] for b in batches) <= short + 24  # padded to a multiple of 8
 
 
-class _DiskFull(io.RawIOBase):
-    """A file that accepts half of what it is given, then fails as a full disk would."""
-
-    def __init__(self, real):
-        self.real = real
-
-    def write(self, data) -> int:
-        self.real.write(bytes(data[: len(data) // 2]))
-        raise OSError(28, "No space left on device")
-
-    def close(self) -> None:
-        self.real.close()
-        super().close()
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-
 def test_a_checkpoint_write_that_fails_partway_leaves_the_last_good_one(tmp_path, monkeypatch):
-    import builtins
-
     from mmlatent import atomic
 
     io_ = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
     io_.save_checkpoint({"step": 1, "w": torch.arange(1000.0)}, path)
-    real_open = builtins.open
-    monkeypatch.setattr(atomic, "open", lambda *a, **k: _DiskFull(real_open(*a, **k)), raising=False)
-    with pytest.raises(OSError, match="No space"):
+    fill_the_disk(monkeypatch)
+    with pytest.raises(OSError, match=r"no space left on the device writing .*last.ckpt"):
         io_.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()
     monkeypatch.setattr(atomic.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -23,7 +23,7 @@ def batches(model, synth_dir, stage_name: str, n: int = 4, teacher: bool = False
     proc = Processor.for_model(model, stage.layout(slots), teacher_layout=stage.teacher_layout(slots) if teacher else None)
     urls = sorted(str(p) for p in (synth_dir / split).glob("*.tar"))
     stream = ShardStream(urls, proc, proc.collate, n,
-                         shuffle_buffer=0, loop=False, partial_batches=True)
+                         shuffle_buffer=0, loop=False)
     return list(stream)
 
 

@@ -49,6 +49,7 @@ from typing import Any, ClassVar, Iterable, Iterator, NamedTuple
 from tqdm import tqdm
 
 from mmlatent.atomic import move, write_json
+from mmlatent.data.convert.folder_lock import FolderInUse, folder_lock
 from mmlatent.data.convert.images import ImageFormat, ImageOptions
 from mmlatent.data.convert.skiplog import SKIPS_FILE, Skip, SkipLog
 from mmlatent.data.convert.input_files import SourceInfo, parquet_columns_and_rows, parquet_num_rows
@@ -386,7 +387,8 @@ def run_conversion(converter: Converter, out_dir: str | os.PathLike, options: Co
     """Convert the converter's corpus into `out_dir/shard-*.tar` + `manifest.json` (+ `skips.jsonl`); return
     the manifest. Raises `ConversionError` when no sample could be written.
 
-    Resumes an interrupted conversion of the same identity; returns at once if it is already complete.
+    Resumes an interrupted conversion of the same identity; returns at once if it is already complete. A
+    folder another conversion is writing is refused (`FolderInUse`) and left untouched.
     """
     out = Path(out_dir)
     created = not out.exists()
@@ -394,12 +396,15 @@ def run_conversion(converter: Converter, out_dir: str | os.PathLike, options: Co
         converter.images = options.images()
         converter.open()
         out.mkdir(parents=True, exist_ok=True)
-        identity = converter.identity(options)
-        progress = _start(out, identity, options.overwrite)
-        if isinstance(progress, dict):
-            log.info("%s: conversion already complete (%d samples)", out, progress["written"])
-            return progress
-        return _convert(converter, out, options, identity, progress)
+        with folder_lock(out):  # one conversion at a time in `out`
+            identity = converter.identity(options)
+            progress = _start(out, identity, options.overwrite)
+            if isinstance(progress, dict):
+                log.info("%s: conversion already complete (%d samples)", out, progress["written"])
+                return progress
+            return _convert(converter, out, options, identity, progress)
+    except FolderInUse:
+        raise  # the folder is the other conversion's: leave it as it is
     except BaseException:
         _clean_failed(out, created)
         raise

@@ -26,7 +26,7 @@ names its datasets and its teacher caches), or `monet-<subset>-<file>-row-<n>` f
 
 Skips, counted by reason and listed in `skips.jsonl`: `no_observation`, `marker_mismatch` (an aux image
 without a marker before it, or marker and image counts that differ in a turn), `missing_image_file`,
-`unbalanced_observation` (from `validate_sample`), `bad_image`, `bad_record` (a record of another shape).
+`image_outside_root` (a path that leaves `--image_root`, e.g. `../…`), `unbalanced_observation` (from `validate_sample`), `bad_image`, `bad_record` (a record of another shape).
 The structure is checked before any image is read, so a bad record costs no image I/O.
 """
 

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from mmlatent.atomic import full_disk_named
+
 SKIPS_FILE = "skips.jsonl"
 """Name of the file, beside `manifest.json`."""
 
@@ -53,12 +55,15 @@ class SkipLog:
     def add(self, skip: Skip) -> None:
         self.examples.setdefault(skip.reason, skip)
         line = json.dumps(skip._asdict(), ensure_ascii=False, sort_keys=True) + "\n"
-        self._file.write(line.encode("utf-8"))
+        with full_disk_named(self.path):
+            self._file.write(line.encode("utf-8"))
 
     def offset(self) -> int:
         """Bytes written so far (saved with the resumable state)."""
-        self._file.flush()
+        with full_disk_named(self.path):
+            self._file.flush()
         return self._file.tell()
 
     def close(self) -> None:
-        self._file.close()
+        with full_disk_named(self.path):
+            self._file.close()

@@ -17,7 +17,8 @@
    intervention (the colour word it read replaced);
 6. `curves.png`, `latent_block.png`, the stage-3 model exported and loaded back, `results.json`.
 `--seeds N` repeats it all for N seeds (data and initialisation) and reports the mean and range per mode. A
-run whose checkpoint exists is skipped, so a re-run continues where it stopped (delete OUT to start afresh).
+run whose checkpoint exists is skipped, and so is the evaluation of a variant none of whose runs retrained
+(its `results.json`), so a re-run continues where it stopped (delete OUT to start afresh).
 Every setting is in `DemoConfig`; nothing is decided on a test split.
 """
 
@@ -188,16 +189,23 @@ def run_seed(out: Path, demo: DemoConfig, variants: list[str]) -> dict:
         minutes = {}
         for i, name in enumerate(STAGES):
             minutes[name] = round(train(name, runs, data, demo, VARIANTS[variant], f"[seed {demo.seed}, {variant}, {i + 1}/5]"), 2)
+        done = runs / "results.json"  # a re-run (e.g. the seeds gathered after parallel runs) reads it
+        if done.exists() and not any(minutes.values()):
+            print(f"[seed {demo.seed}, {variant}] {done} exists, evaluation skipped")
+            results[variant] = json.loads(done.read_text())
+            continue
         print(f"[seed {demo.seed}, {variant}] evaluation on the held-out splits")
         t0 = time.perf_counter()
         results[variant] = evaluate_variant(runs, data, demo)
         minutes["evaluation"] = round((time.perf_counter() - t0) / 60, 2)
         results[variant]["minutes"] = minutes
         results[variant]["steps"] = {s: trained_steps(runs, s) for s in STAGES}
+        done.write_text(json.dumps(results[variant], indent=2))
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, demo: DemoConfig | None = None) -> None:
+    """The command line; `demo` replaces the default `DemoConfig` (the tests run it at a tiny size)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="folder for shards, checkpoints and results")
     ap.add_argument("--seeds", type=int, default=1, help="seeds to run (data and initialisation), from the first seed")
@@ -208,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stage1-steps", type=int, default=None, help="optimiser steps of stage 1 (default: DemoConfig)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    demo = DemoConfig()
+    demo = demo or DemoConfig()
     if args.stage1_steps is not None:
         demo.steps["stage1"] = args.stage1_steps
     if args.seed is not None:

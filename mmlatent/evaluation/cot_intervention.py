@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mmlatent.evaluation.parsing import choice_letters, judge
+from mmlatent.evaluation.parsing import choice_letters
+from mmlatent.evaluation.protocols import judge
 from mmlatent.evaluation.question import Question
 from mmlatent.evaluation.runner import EvalConfig, PromptRenderer
 from mmlatent.evaluation.tasks import EvalData

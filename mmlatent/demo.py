@@ -17,7 +17,7 @@
    intervention (the colour word it read replaced);
 6. `curves.png`, `latent_block.png`, the stage-3 model exported and loaded back, `results.json`.
 `--seeds N` repeats it all for N seeds (data and initialisation) and reports the mean and range per mode. A
-run whose checkpoint exists is skipped, and so is the evaluation of a variant none of whose runs retrained
+run whose checkpoint holds all its steps is skipped (one stopped part-way resumes from it), and so is the evaluation of a variant none of whose runs retrained
 (its `results.json`), so a re-run continues where it stopped (delete OUT to start afresh).
 Every setting is in `DemoConfig`; nothing is decided on a test split.
 """
@@ -95,13 +95,18 @@ class DemoConfig:
         return replace(self.synth, hops=tuple(self.longer_hops))
 
 
+def run_steps(name: str, demo: DemoConfig) -> int:
+    """Optimiser steps of run `name`: a stage's own, a baseline the sum of the stages'."""
+    return sum(demo.steps.values()) if name in BASELINES else demo.steps[name]
+
+
 def stage_config(name: str, out: Path, data: Path, demo: DemoConfig, regions: bool = True) -> Path:
     """The tiny recipe of a run with every path pointed into `out`, the demo's steps and seed, and its
     grounding weights off when it must learn without the region labels (written beside the run, as a record
     of what ran)."""
     cfg = yaml.safe_load(recipe(name).read_text())
     run_dir = out / name
-    steps = sum(demo.steps.values()) if name in BASELINES else demo.steps[name]
+    steps = run_steps(name, demo)
     trainer = cfg["trainer"]
     trainer.update(default_root_dir=str(run_dir), max_steps=steps, max_epochs=None,
                    val_check_interval=demo.val_every, check_val_every_n_epoch=None)
@@ -146,12 +151,17 @@ def train(name: str, out: Path, data: Path, demo: DemoConfig, regions: bool, ste
     from mmlatent.cli import main as cli_main
 
     ckpt = checkpoint(out, name)
+    resume = []
     if ckpt.exists():
-        print(f"{step} {name}: {ckpt} exists, skipped")
-        return 0.0
+        done = trained_steps(out, name)
+        if done >= run_steps(name, demo):
+            print(f"{step} {name}: {ckpt} exists, skipped")
+            return 0.0
+        print(f"{step} {name}: {ckpt} stopped at step {done}, resumed")  # a run killed part-way
+        resume = ["--ckpt_path", str(ckpt)]
     print(f"{step} {name} -> {ckpt}")
     t0 = time.perf_counter()
-    code = cli_main(["fit", "-c", str(stage_config(name, out, data, demo, regions))])
+    code = cli_main(["fit", "-c", str(stage_config(name, out, data, demo, regions)), *resume])
     if code:
         raise SystemExit(f"mmlatent fit {name} failed (exit {code})")
     return (time.perf_counter() - t0) / 60

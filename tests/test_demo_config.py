@@ -41,3 +41,22 @@ def test_without_regions_every_run_loses_its_grounding_weights(tmp_path):
         assert grounding[weight] > 0, name
         assert without["model"]["stage"]["grounding"] == {**grounding, weight: 0.0}, name
         assert without["data"] == with_regions["data"] and without["model"]["optim"] == with_regions["model"]["optim"]
+
+
+def test_a_run_stopped_part_way_resumes_and_a_finished_one_is_skipped(tmp_path, monkeypatch):
+    """A killed run leaves a partial last.ckpt (written every 100 steps): a re-run resumes it, never scores it."""
+    import torch
+
+    import mmlatent.cli
+    from mmlatent.demo import train
+
+    demo = DemoConfig()
+    calls = []
+    monkeypatch.setattr(mmlatent.cli, "main", lambda argv: calls.append(argv) or 0)
+    ckpt = checkpoint(tmp_path, "stage3")
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"global_step": demo.steps["stage3"] - 100}, ckpt)
+    train("stage3", tmp_path, tmp_path / "data", demo, True, "[test]")
+    assert calls[-1][-2:] == ["--ckpt_path", str(ckpt)]
+    torch.save({"global_step": demo.steps["stage3"]}, ckpt)
+    assert train("stage3", tmp_path, tmp_path / "data", demo, True, "[test]") == 0.0 and len(calls) == 1

@@ -64,8 +64,8 @@ def tiny() -> ModelConfig:
 
 @register("tiny-demo")
 def tiny_demo() -> ModelConfig:
-    """The demo's model: `tiny` at 48 px (a 3x3 grid of 16-px cells, one ViT patch per cell, the tokens
-    centred per image) thinking in LQ-Former thoughts built on the most relevant of the 9 visual tokens (the
+    """The demo's model: `tiny` at 48 px (a 3x3 grid of 16-px cells, one ViT patch per cell, each token
+    feature standardised over the batch) thinking in LQ-Former thoughts built on the most relevant of the 9 visual tokens (the
     LQ-Former reads the top 4), ending its blocks itself; about 1.4 M parameters."""
     cfg = tiny()
     cfg.vision.image_size = 48

@@ -110,6 +110,7 @@ class Backbone(nn.Module):
         `cache` when given; the head runs only when `logits`; `output_attentions` returns every layer's
         attention probabilities."""
         start = cache.get_seq_length() if cache is not None else 0  # the column of this segment's first input
+        attention_mask = additive_for_eager(attention_mask, inputs_embeds.dtype, self.transformers_model.config)
         with self.running(cache):
             out = self.transformers_model.get_decoder()(
                 inputs_embeds=inputs_embeds,
@@ -164,3 +165,12 @@ class ComposedBackbone(Backbone):
     @property
     def transformers_model(self) -> PreTrainedModel:
         return self.lm
+
+
+def additive_for_eager(mask: Tensor | None, dtype: torch.dtype, config) -> Tensor | None:
+    """A (B, 1, Q, K) boolean mask (True: attend) as eager attention needs it. transformers hands a 4D mask to
+    the attention as given; SDPA reads a boolean one, but eager adds the mask to the scores, so a boolean mask
+    would block nothing (not even the future)."""
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or getattr(config, "_attn_implementation", None) != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

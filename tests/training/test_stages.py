@@ -288,7 +288,7 @@ def test_attention_grounding_trains_where_the_lm_looks_from_each_reading_token(s
         stage = build_stage(StageConfig(name=name, grounding=grounding, **extra))
         proc = Processor.for_model(model, stage.layout(model.cfg.latent.slots))
         urls = sorted(str(p) for p in (synth_dir / "train").glob("*.tar"))
-        batch = next(iter(ShardStream(urls, proc, proc.collate, 4, shuffle_buffer=0, loop=False, partial_batches=True)))
+        batch = next(iter(ShardStream(urls, proc, proc.collate, 4, shuffle_buffer=0, loop=False)))
         per_sample = 1 if name == "direct" else None
         assert batch.anchors.shape[0] >= len(batch) and (per_sample is None or batch.anchors.shape[0] == len(batch))
         read = batch.input_ids[batch.anchors[:, 0], batch.anchors[:, 1] + (name == "stage1")]  # the word read next
@@ -309,7 +309,9 @@ def test_attention_grounding_trains_where_the_lm_looks_from_each_reading_token(s
         model.zero_grad()
         losses["attention_loss"].backward()
         assert model.backbone.lm.model.layers[-1].self_attn.q_proj.weight.grad.abs().sum() > 0
-    sdpa = LatentVLM(preset("tiny-demo"))
+    sdpa_cfg = preset("tiny-demo")
+    sdpa_cfg.lm.attn_implementation = "sdpa"
+    sdpa = LatentVLM(sdpa_cfg)
     with pytest.raises(ValueError, match="attn_implementation: eager"):
         grounding.check(sdpa)
     with pytest.raises(ValueError, match="attention_weight"):

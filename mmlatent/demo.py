@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mmlatent.atomic import write_text
 from mmlatent.data.shard_writer import write_shards
 from mmlatent.data.synthetic import SynthConfig, TaskMix, generate_split, synthesize
 from mmlatent.data.synthetic_tokenizer import build_synthetic_tokenizer
@@ -178,11 +179,21 @@ def metrics_csv(out: Path, name: str) -> Path:
 def write_data(data: Path, demo: DemoConfig) -> None:
     """The seed's shards: train, val and test of the trained walks (`synthesize`), and `longer/` of the longer
     walks (its own split name, so its grids are not the test split's)."""
-    if (data / "manifest.json").exists() and (data / "longer").is_dir():
+    file = data / "manifest.json"
+    if not file.exists():
+        synthesize(data, demo.synth, train=demo.train, val=demo.val, test=demo.test, seed=demo.seed, samples_per_shard=1000)
+    manifest = json.loads(file.read_text())
+    if "longer" in manifest["splits"]:
         return
-    synthesize(data, demo.synth, train=demo.train, val=demo.val, test=demo.test, seed=demo.seed, samples_per_shard=1000)
-    write_shards(generate_split(demo.longer_synth, demo.seed, "longer", demo.longer), data / "longer",
-                 samples_per_shard=1000, desc="synth longer", total=demo.longer)
+    for stale in (data / "longer").glob("shard-*.tar"):  # an unfinished earlier write
+        stale.unlink()
+    stats = write_shards(generate_split(demo.longer_synth, demo.seed, "longer", demo.longer), data / "longer",
+                         samples_per_shard=1000, desc="synth longer", total=demo.longer)
+    # listed in the set's manifest like the other splits, so loaders trust the folder as whole
+    manifest["splits"]["longer"] = {"written": stats.written, "skipped": dict(sorted(stats.skipped.items())),
+                                    "shards": [Path(s).relative_to(data).as_posix() for s in stats.shards],
+                                    "generator": dataclasses.asdict(demo.longer_synth)}
+    write_text(file, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def run_seed(out: Path, demo: DemoConfig, variants: list[str]) -> dict:

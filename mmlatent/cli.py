@@ -57,10 +57,11 @@ TRAINER_DEFAULTS = {
 class MMLatentCLI(LightningCLI):
     """LightningCLI with mmlatent's module and data module, CSV logging and atomic checkpoint writes by default.
 
-    Two additions. A model config naming a preset (`model.vlm.preset: tiny-demo`) starts from that preset's
+    Three additions. A model config naming a preset (`model.vlm.preset: tiny-demo`) starts from that preset's
     fields and every field given beside it overrides them (`with_preset`). A bad option or config key is
     reported in a few lines, first, naming where it came from and the closest valid key, instead of after
-    the whole usage text (`explain`); `--help` still prints the usage.
+    the whole usage text (`explain`); `--help` still prints the usage. `fit --ckpt_path` keeps the command's
+    settings rather than the checkpoint's (`_parse_ckpt_path`).
     """
 
     def __init__(self, args: list[str], run: bool = True):
@@ -85,6 +86,22 @@ class MMLatentCLI(LightningCLI):
         sources = ("model.stage", "model.vlm.latent.slots")
         parser.link_arguments(sources, "data.layout", compute_fn=data_layout)
         parser.link_arguments(sources, "data.teacher_layout", compute_fn=data_teacher_layout)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces the command's model settings by a `--ckpt_path` checkpoint's hyper-parameters.
+        `fit` keeps the command's as given: a resume continues the run the command describes, and the module
+        stops at restore when the checkpoint's stage or model settings differ (`training/resume_check.py`).
+        `validate`, `test` and `predict` evaluate the checkpoint, with its settings, as Lightning does."""
+        if self.config.get("subcommand") == "fit":
+            return
+        from mmlatent.training.checkpoint_reader import READ_ERRORS, checkpoint_error
+
+        try:
+            super()._parse_ckpt_path()
+        except FileNotFoundError:
+            raise
+        except READ_ERRORS as err:
+            raise checkpoint_error(self.config[self.config.subcommand].get("ckpt_path"), err) from err
 
     def parse_arguments(self, parser, args) -> None:
         subcommand = args[0] if args else None

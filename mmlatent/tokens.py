@@ -3,8 +3,8 @@
 Every tokenizer (a Hub id, a local folder, or the tiny synthetic one) gets the same extra tokens: the image
 placeholder, the latent block markers and slot, the observation tags and ChatML turn markers.
 `add_special_tokens` adds the missing ones and `token_ids` resolves their ids. The data pipeline renders
-chats with them and the model reads them, so they live here, below both: `mmlatent/data` and
-`mmlatent/model` import this module and never each other.
+chats with them (`mmlatent.chat_template`) and the model reads them, so they live here, below both:
+`mmlatent/data` and `mmlatent/model` import this module and never each other.
 
 `synthetic_tokenizer_dir` names the folder of the tiny models' tokenizer; `mmlatent.data.synthetic_tokenizer`
 builds it there (from the synthetic corpus) and the model layer loads it like any tokenizer folder.
@@ -65,28 +65,6 @@ class TokenIds:
     turn_start: int
     turn_end: int
     pad: int
-
-
-def turn_header(role: str) -> str:
-    """The ChatML line that opens a `role` turn: `<|im_start|>role\\n`."""
-    return f"{SPECIAL.turn_start}{role}\n"
-
-
-def prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, content: list[str | None], tokens_per_image: int
-) -> list[int]:
-    """The ids a model continues from for one user turn: the turn (`content`: text items, None where an image
-    goes, each image as `tokens_per_image` image tokens), then the opened assistant turn. The processor renders
-    training and evaluation prompts item by item in exactly this way (`mmlatent.data.processor`)."""
-    ids = token_ids(tokenizer)
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    out = encode(turn_header("user"))
-    for item in content:
-        out += [ids.image] * tokens_per_image if item is None else encode(item)
-    return out + encode(SPECIAL.turn_end) + encode("\n") + encode(turn_header("assistant"))
 
 
 def cache_dir() -> Path:

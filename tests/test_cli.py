@@ -158,3 +158,71 @@ def test_data_layout_follows_the_model_stage(recipe, stage):
     assert cli.datamodule.layout.aux_dropout == (1.0 if recipe == "cot" else 0.0)  # the CoT baseline is text only
     if stage in ("stage2", "stage3"):
         assert cli.datamodule.layout.latent_slots == 3
+
+
+def test_resume_with_other_stage_or_model_settings_stops_naming_both(tmp_path, monkeypatch, synth_dir, capsys):
+    """`--ckpt_path` used to load whatever the checkpoint held into the command's module: a stage-1 config on
+    a `direct` checkpoint, or `--model.vlm.preset=tiny` beside a `tiny-demo` one, exited 0 with no step. Now
+    the run stops at start with one line naming the setting and both values."""
+    import lightning as L
+
+    from mmlatent.cli import main
+    from mmlatent.model.presets import preset
+    from mmlatent.training.module import LatentVLMModule
+    from mmlatent.training.stages import StageConfig
+
+    def checkpoint(stage: str):
+        module = LatentVLMModule(vlm=preset("tiny-demo"), stage=StageConfig(name=stage))
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.strategy.connect(module)
+        trainer.save_checkpoint(tmp_path / f"{stage}.ckpt")
+        return tmp_path / f"{stage}.ckpt"
+
+    monkeypatch.chdir(tmp_path)
+    common = ["fit", "-c", STAGE1, f"--data.train.shards={synth_dir / 'train'}", f"--data.val.shards={synth_dir / 'val'}",
+              "--data.num_workers=0", "--trainer.max_steps=1", "--trainer.enable_progress_bar=false"]
+    for ckpt, extra, want in (
+        (checkpoint("direct"), [], "model.stage.name is 'direct' there, 'stage1' here"),
+        (checkpoint("stage1"), ["--model.vlm.preset=tiny", "--model.vlm.latent.mode=thought"], "model.vlm.preset is 'tiny-demo' there, 'tiny' here"),
+    ):
+        capsys.readouterr()
+        assert main([*common, *extra, f"--ckpt_path={ckpt}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err) and not any(line.startswith("mmlatent") for line in err[:-1])
+        assert err[-1].startswith(f"mmlatent fit: error: --ckpt_path {ckpt}") and want in err[-1], err[-1]
+        print(err[-1])
+
+
+def test_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path, monkeypatch, synth_dir, capsys):
+    """A truncated `.ckpt` as `--model.init_from` (read when the module is built) or as `--ckpt_path` (read
+    when Lightning restores it) stops `mmlatent fit` at start with one line naming the file and the cause,
+    not a torch traceback; an empty one too, and `mmlatent eval --model` says the same."""
+    import lightning as L
+    import torch
+
+    from mmlatent.cli import main
+    from mmlatent.evaluation.command import load_model
+    from mmlatent.model.presets import preset
+    from mmlatent.training.module import LatentVLMModule
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(LatentVLMModule(vlm=preset("tiny-demo")))
+    trainer.save_checkpoint(tmp_path / "good.ckpt")
+    data = (tmp_path / "good.ckpt").read_bytes()
+    bad = tmp_path / "half.ckpt"
+    bad.write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.ckpt cannot be read: the file ends early"):  # a CheckpointError
+        load_model(str(tmp_path / "empty.ckpt"))
+    monkeypatch.chdir(tmp_path)
+    common = ["fit", "-c", STAGE1, f"--data.train.shards={synth_dir / 'train'}", f"--data.val.shards={synth_dir / 'val'}",
+              "--data.num_workers=0", "--trainer.max_steps=1", "--trainer.enable_progress_bar=false"]
+    for option in (f"--model.init_from={bad}", f"--ckpt_path={bad}"):
+        capsys.readouterr()
+        assert main([*common, option]) == 2, option
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err), option
+        assert err[-1] == (f"mmlatent fit: error: checkpoint {bad} cannot be read: truncated, or not a PyTorch checkpoint "
+                           f"(PytorchStreamReader failed reading zip archive: failed finding central directory); "
+                           f"write it again or use another checkpoint"), err[-1]
+    assert torch.load(tmp_path / "good.ckpt", weights_only=True)["hyper_parameters"]["vlm"]["preset"] == "tiny-demo"

@@ -3,9 +3,10 @@
 The processor is where a stage's view of the data is decided: question images always expand to
 `tokens_per_image` image tokens; auxiliary images (the pictures inside the reasoning) are kept inline
 (stage 1), or dropped with the reasoning (the direct-answer baseline); later stages turn them into latent
-blocks. The chat is rendered in ChatML (`<|im_start|>role\\n ... <|im_end|>\\n`), the format of Qwen and of
-the tiny tokenizer; only assistant tokens are labelled, and tokens inside `<observation>…</observation>`
-get a heavier loss weight.
+blocks. The chat is rendered with mmlatent's one chat template (`mmlatent.chat_template`, ChatML: the format of
+Qwen and of the tiny tokenizer), which evaluation and generation render prompts with too, a model's
+`system_prompt` first where a sample has no system turn; only assistant tokens are labelled, and tokens
+inside `<observation>…</observation>` get a heavier loss weight.
 
 It runs in the data-loader workers, so it is plain CPU code: the tokenizer is a fast tokenizer and image
 preprocessing is the vision library's own transform handed in by the model.
@@ -21,10 +22,11 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from mmlatent.chat_template import TURN_END, TURN_SEPARATOR, render_turn, turn_open, with_system
 from mmlatent.data.batch import IGNORE_INDEX, Batch, ProcessedSample, collate
 from mmlatent.data.masks import observation_mask
 from mmlatent.data.sample import SampleError
-from mmlatent.tokens import SPECIAL, token_ids, turn_header
+from mmlatent.tokens import token_ids
 
 
 @dataclass
@@ -87,16 +89,19 @@ class Processor:
         cfg: ProcessorConfig = ProcessorConfig(),
         teacher_layout: SequenceLayout | None = None,
         token_grid: tuple[int, int] | None = None,
+        system_prompt: str | None = None,
     ):
         """`teacher_layout`: also render each sample in this layout (`ProcessedSample.teacher`), for a
         distillation stage whose teacher runs online on its own view of the same sample. `token_grid`: the
-        (rows, cols) of an image's tokens (default: square), to map `regions` boxes onto tokens."""
+        (rows, cols) of an image's tokens (default: square), to map `regions` boxes onto tokens.
+        `system_prompt`: the system turn of a sample that has none (the model's; None: no system turn)."""
         self.tok = tokenizer
         self.transform = image_transform
         self.tokens_per_image = tokens_per_image
         self.layout = layout
         self.teacher_layout = teacher_layout
         self.cfg = cfg
+        self.system_prompt = system_prompt
         side = int(round(tokens_per_image ** 0.5))
         self.token_grid = token_grid or (side, tokens_per_image // max(side, 1))
         self.ids = token_ids(tokenizer)
@@ -106,10 +111,10 @@ class Processor:
     def for_model(
         cls, model, layout: SequenceLayout, cfg: ProcessorConfig = ProcessorConfig(), teacher_layout: SequenceLayout | None = None
     ) -> "Processor":
-        """The processor matching a `LatentVLM`'s tokenizer, image transform and image-token count."""
+        """The processor matching a `LatentVLM`'s tokenizer, image transform, image-token count and system prompt."""
         backbone = model.backbone
         return cls(model.tokenizer, backbone.image_transform(train=False), backbone.tokens_per_image, layout, cfg,
-                   teacher_layout, token_grid=backbone.token_grid)
+                   teacher_layout, token_grid=backbone.token_grid, system_prompt=model.cfg.system_prompt)
 
     def collate(self, samples: list[ProcessedSample]) -> Batch:
         """Pad this processor's samples into a `Batch` (`batch.collate` with the tokenizer's special ids)."""
@@ -231,10 +236,13 @@ class Processor:
             ids.extend(tokens)
             labelled.extend([label] * len(tokens))
 
-        def emit_image(ref: str) -> int:
+        def image_tokens(ref: str) -> list[int]:  # the image's pixels are the next ones; returns its tokens
             image_slots[ref] = len(pixels) * self.tokens_per_image
             pixels.append(self.transform(images[ref]))
-            emit([self.ids.image] * self.tokens_per_image, False)
+            return [self.ids.image] * self.tokens_per_image
+
+        def emit_image(ref: str) -> int:
+            emit(image_tokens(ref), False)
             return len(ids) - self.tokens_per_image
 
         def add_target(ref: str) -> None:  # the block about to be emitted stands for this image
@@ -248,21 +256,18 @@ class Processor:
             end = image_start + self.tokens_per_image
             spans.append((image_start, end, len(ids) + visible_tokens_after))
 
-        for msg in meta["messages"]:
+        for msg in with_system(meta["messages"], self.system_prompt):
             role = msg["role"]
-            emit(self._fixed(turn_header(role)), False)
-            if role == "assistant":
-                if prompt_length is None:
-                    prompt_length = len(ids)
-                self._assistant(lay, meta, msg["content"], key, emit, emit_image, add_target, hide, add_anchor)
-            else:
-                for item in msg["content"]:
-                    if item["type"] == "text":
-                        emit(self.encode_text(item["text"]), False)
-                    else:
-                        emit_image(item["ref"])
-            emit(self._fixed(SPECIAL.turn_end), role == "assistant")
-            emit(self._fixed("\n"), False)
+            if role != "assistant":  # the prompt's turns, exactly as generation renders them
+                turn = render_turn(role, msg["content"], self.encode_text, lambda item: image_tokens(item["ref"]), self._fixed)
+                emit(turn, False)
+                continue
+            emit(self._fixed(turn_open(role)), False)
+            if prompt_length is None:
+                prompt_length = len(ids)
+            self._assistant(lay, meta, msg["content"], key, emit, emit_image, add_target, hide, add_anchor)
+            emit(self._fixed(TURN_END), True)
+            emit(self._fixed(TURN_SEPARATOR), False)
         if prompt_length is None:
             raise SampleError("no_assistant_turn", "the sample has no assistant turn to learn", key)
         regions = self._regions(meta.get("regions") or {}, [ref for _, _, ref in targets], image_slots, len(pixels))

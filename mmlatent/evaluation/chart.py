@@ -1,7 +1,8 @@
 """The results chart: accuracy per group as horizontal bars, with counts and unparsed answers.
 
-MMMU: overall and the six disciplines in one panel, the subjects in a second; ScienceQA: its nine
-columns (NAT … Avg). Bars are labelled `acc% (n, unparsed u)`, so a reader sees how much each bar rests
+One panel per grouping of the task's breakdown (MMMU: the disciplines, then the subjects; ScienceQA: its
+nine columns, NAT … Avg; shards: the sources; synthetic: the sources, task kinds and hops), the overall bar
+heading the first. Bars are labelled `acc% (n, unparsed u)`, so a reader sees how much each bar rests
 on. It is a plain matplotlib figure on the Agg backend (no display needed); the trade-off is a static
 picture, the numbers themselves live in results.json.
 """
@@ -28,11 +29,16 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
 
 
 def panels(results: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
-    """(title, {label: group}) per panel, in display order (top to bottom)."""
+    """(title, {label: group}) per panel, in display order (top to bottom): one panel per grouping of the
+    breakdown, in its order, the overall bar heading the first; so every task's breakdown draws, whatever
+    groupings it has (MMMU's disciplines and subjects, ScienceQA's groups, shards' sources, synthetic's
+    tasks and hops)."""
     b = results["breakdown"]
-    if "disciplines" in b:
-        return [("overall and disciplines", {"Overall": b["overall"], **b["disciplines"]}), ("subjects", b["subjects"])]
-    return [("groups", b["groups"])]
+    groupings = [(name, groups) for name, groups in b.items() if name != "overall" and groups]
+    if not groupings:
+        return [("overall", {"Overall": b["overall"]})]
+    (first, groups), rest = groupings[0], groupings[1:]
+    return [(f"overall and {first}", {"Overall": b["overall"], **groups}), *rest]
 
 
 def _draw(ax, title: str, groups: dict[str, dict[str, Any]]) -> None:

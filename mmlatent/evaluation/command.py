@@ -2,7 +2,8 @@
 
     mmlatent eval --task mmmu --data MMMU/MMMU --split validation --model CKPT_OR_EXPORT_DIR --output OUT \
         [--limit N] [--batch-size B] [--latent | --no-latent] [--open-latent] \
-        [--latent-intervention {none,zero,noise,swap}] [--protocol P] [--stop S]
+        [--latent-intervention {none,zero,noise,swap}] [--protocol P] [--stop S] \
+        [--trajectories M --latent-noise {gaussian,dropout,mc_dropout}]
     mmlatent eval --task synthetic --data data/synth/val --model CKPT --output OUT --latent-intervention zero
     mmlatent eval --task scienceqa --data DIR --responses R.jsonl --output OUT --protocol scienceqa
 
@@ -26,6 +27,7 @@ from mmlatent.evaluation.metrics import breakdown_table
 from mmlatent.evaluation.protocols import MMMU_PROTOCOLS, SCIENCEQA_PROTOCOLS
 from mmlatent.evaluation.runner import EvalConfig, evaluate, rescore
 from mmlatent.evaluation.tasks import TASKS, load_eval_data
+from mmlatent.model.generation import LATENT_NOISE
 from mmlatent.model.interventions import INTERVENTIONS
 from mmlatent.model.latent_vlm import LatentVLM
 
@@ -78,6 +80,15 @@ def parser() -> argparse.ArgumentParser:
                    help="Cut each answer before this string (repeatable; lmms-eval's `until`, e.g. --stop $'\\n\\n').")
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens,
                    help="Most generated positions per question (text tokens and latent steps).")
+    p.add_argument("--trajectories", type=int, default=EvalConfig.trajectories,
+                   help="Test-time scaling: trajectories per question, each with its own latent noise; the answer "
+                        "is their majority vote (recorded as `votes` in samples.jsonl).")
+    p.add_argument("--latent-noise", choices=LATENT_NOISE, default=EvalConfig.latent_noise,
+                   help="The trajectories' noise: gaussian or dropout on the latent vectors, or mc_dropout (the "
+                        "LQ-Former's dropout active; thought mode).")
+    p.add_argument("--noise-std", type=float, default=EvalConfig.noise_std,
+                   help="Standard deviation of the Gaussian noise, or the drop probability of (mc_)dropout.")
+    p.add_argument("--seed", type=int, default=EvalConfig.seed, help="Seed of the latent noise.")
     p.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
     p.add_argument("--revision", default=None, help="Hub revision of --data.")
     p.add_argument("--model-revision", default=None, help="Hub revision of --model (a Hub model id).")
@@ -102,6 +113,8 @@ def main(argv: list[str]) -> None:
         p.error("--limit must be >= 0")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.trajectories < 1:
+        p.error("--trajectories must be >= 1")
     try:
         data = load_eval_data(
             args.task, args.data, args.split, args.subset, args.limit, args.revision, args.cache_dir,
@@ -116,6 +129,8 @@ def main(argv: list[str]) -> None:
                 batch_size=args.batch_size, latent=args.latent, max_new_tokens=args.max_new_tokens,
                 open_latent=args.open_latent, latent_intervention=args.latent_intervention,
                 progress=not args.no_progress, stop=tuple(args.stop),
+                trajectories=args.trajectories, latent_noise=args.latent_noise, noise_std=args.noise_std,
+                seed=args.seed,
             )
             results = evaluate(model, data, cfg, args.output, model_name=args.model)
     except (ValueError, FileNotFoundError) as err:

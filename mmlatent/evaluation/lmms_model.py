@@ -34,7 +34,6 @@ from mmlatent.evaluation.runner import cut_at_stop
 from mmlatent.model.generation import GenerationConfig
 from mmlatent.model.interventions import INTERVENTIONS
 from mmlatent.model.latent_vlm import IMAGE_MARKER, LatentVLM
-from mmlatent.tokens import prompt_ids
 
 _HARNESS_ARGS = ("max_batch_size",)
 """Arguments lmms-eval passes to every model that this one has no use for."""
@@ -157,9 +156,11 @@ class LatentVLMLmms(lmms):
         )
         return cfg, until
 
-    def _length(self, content: list[str | int]) -> int:
-        items = [None if isinstance(item, int) else item for item in content]
-        return len(prompt_ids(self.model.tokenizer, items, self.model.tokens_per_image))
+    def _prompt(self, content: list[str | int], visuals: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt `generate` decodes from for a user turn (`user_turn`'s items): ids (L,) and the images in
+        prompt order (N_img, 3, H, W), rendered by the model's own chat template and system prompt."""
+        text = "".join(IMAGE_MARKER if isinstance(x, int) else x for x in content)
+        return self.model.prompt([visuals[x] for x in content if isinstance(x, int)], text)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         by_task: dict[str, list[int]] = defaultdict(list)
@@ -170,7 +171,7 @@ class LatentVLMLmms(lmms):
             by_task[task].append(i)
         out: list[str | None] = [None] * len(requests)
         for task, indices in by_task.items():  # mmlatent eval's batches: one split, sorted by prompt length
-            lengths = {i: self._length(turns[i][0]) for i in indices}
+            lengths = {i: self._prompt(*turns[i])[0].numel() for i in indices}
             order = sorted(indices, key=lengths.__getitem__)
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
@@ -187,7 +188,6 @@ class LatentVLMLmms(lmms):
         """(log P(continuation | prompt), whether greedy decoding gives the continuation), teacher-forced."""
         model = self.model
         device = next(model.parameters()).device
-        transform = model.backbone.image_transform(train=False)
         out = []
         was_training = model.training
         model.eval()
@@ -196,18 +196,17 @@ class LatentVLMLmms(lmms):
                 continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
                 visuals = self._visuals(doc_to_visual, task, split, doc_id)
                 content = user_turn(context, visuals, self.interleave_visuals)
-                prompt = prompt_ids(model.tokenizer, [None if isinstance(x, int) else x for x in content], model.tokens_per_image)
+                prompt, pixels = self._prompt(content, visuals)
                 cont = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
                 if not cont:
                     out.append((0.0, True))
                     continue
-                ids = torch.tensor([prompt + cont], device=device)  # (1, L)
-                images = [visuals[x] for x in content if isinstance(x, int)]
-                pixels = torch.stack([transform(v) for v in images]).to(device) if images else None  # (N_img, 3, H, W)
+                ids = torch.cat([prompt, torch.tensor(cont)])[None].to(device)  # (1, L)
+                pixels = pixels.to(device) if pixels.shape[0] else None  # (N_img, 3, H, W)
                 L = ids.shape[1]
                 logits = model(ids, torch.ones_like(ids), torch.arange(L, device=device)[None], pixels).logits
-                logp = logits[0, len(prompt) - 1 : L - 1].float().log_softmax(-1)  # (len(cont), V)
-                target_ids = ids[0, len(prompt) :]  # (len(cont),)
+                logp = logits[0, prompt.numel() - 1 : L - 1].float().log_softmax(-1)  # (len(cont), V)
+                target_ids = ids[0, prompt.numel() :]  # (len(cont),)
                 total = float(logp.gather(-1, target_ids[:, None]).sum())
                 out.append((total, bool((logp.argmax(-1) == target_ids).all())))
         finally:

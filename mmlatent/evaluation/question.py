@@ -36,6 +36,8 @@ class Question:
     """Gold answer: a letter or string, a list of acceptable ones, or None where the split hides answers."""
     fields: dict[str, Any] = field(default_factory=dict)
     """Category fields copied into each output line (subject, discipline, grade, context flags, …)."""
+    system: str | None = None
+    """The question's own system turn (a converted sample's); None: the model's `system_prompt`, if any."""
 
     @property
     def image_slots(self) -> list[int]:

@@ -1,7 +1,8 @@
 """Batched generation over a benchmark split, official scoring, and the output files.
 
-Prompts are rendered by the training `Processor` (one ChatML template for training and evaluation): the
-question is a user turn and the assistant turn is opened. With latent reasoning allowed the model decides
+Prompts are rendered by the training `Processor` (mmlatent's one chat template, `mmlatent.chat_template`): the
+question's system turn (its own, else the model's `system_prompt`), the question as a user turn, and the
+opened assistant turn. With latent reasoning allowed the model decides
 whether and where it opens a latent block, and each answer records whether it did (`trigger_rate` in the
 results); `open_latent` ends every prompt with `<|latent_start|>` instead (a forced start); with latent
 reasoning off, `<|latent_start|>` is forbidden and the model answers in text. `latent_intervention` replaces
@@ -33,7 +34,7 @@ from mmlatent.evaluation.metrics import overall, wilson_interval
 from mmlatent.evaluation.protocols import judge
 from mmlatent.evaluation.question import Question, Task
 from mmlatent.evaluation.tasks import EvalData
-from mmlatent.model.generation import GenerationConfig, Generated, generate_from_prompts
+from mmlatent.model.generation import GenerationConfig, Generated, LatentNoise, generate_voted
 from mmlatent.model.interventions import Intervention
 from mmlatent.model.latent_vlm import LatentVLM
 
@@ -50,13 +51,24 @@ class EvalConfig:
     """End every prompt with `<|latent_start|>`, so each answer starts in a latent block (needs `latent`)."""
     latent_intervention: Intervention = "none"
     """Replace every latent input: `zero`, `noise` (Gaussian with the input's norm), `swap` (another
-    question's latents from the same batch; needs `batch_size` >= 2), or `none`."""
+    question's latents from the same batch; needs `batch_size` >= 2, and a last question that would be alone
+    in its batch joins the one before), or `none`."""
     max_new_tokens: int = 128
     """Most generated positions per question (text tokens and latent steps)."""
     stop: tuple[str, ...] = ()
     """Stop strings (lmms-eval's `until`): each answer is cut before the first one it contains. Decoding runs
     on to the end-of-turn token or `max_new_tokens`; what comes after a stop string never changes what
     came before it, so the cut text is what stopping there gives (the counts include the positions after)."""
+    trajectories: int = 1
+    """Test-time scaling: trajectories per question, each with its own latent noise; the answer is their
+    majority vote over parsed predictions (recorded per question in samples.jsonl as `votes`)."""
+    latent_noise: LatentNoise = "none"
+    """The trajectories' latent noise (needed when `trajectories` > 1): `gaussian`, `dropout` (on the vectors)
+    or `mc_dropout` (the LQ-Former's dropout active; thought mode)."""
+    noise_std: float = 0.1
+    """Standard deviation of the Gaussian noise, or the drop probability of `dropout` and `mc_dropout`."""
+    seed: int = 0
+    """Seed of the latent noise (trajectory m of every question draws from a stream seeded by it and m)."""
     sort_by_length: bool = True
     """Batch questions of similar prompt length together (less padding); outputs keep dataset order."""
     progress: bool = True
@@ -80,9 +92,10 @@ class PromptRenderer:
 
     def __init__(self, model: LatentVLM, open_latent: bool):
         cfg = ProcessorConfig(max_length=sys.maxsize)  # evaluation never drops or cuts a question
-        tok, T = model.tokenizer, model.tokens_per_image
-        self.processor = Processor(tok, model.backbone.image_transform(train=False), T, SequenceLayout(), cfg)
-        self.ids_only = Processor(tok, _no_pixels, T, SequenceLayout(), cfg)  # the length pass: no pixels
+        tok, T, system = model.tokenizer, model.tokens_per_image, model.cfg.system_prompt
+        self.processor = Processor(tok, model.backbone.image_transform(train=False), T, SequenceLayout(), cfg,
+                                   system_prompt=system)
+        self.ids_only = Processor(tok, _no_pixels, T, SequenceLayout(), cfg, system_prompt=system)  # the length pass
         self.suffix = [model.ids.latent_start] if open_latent else []
 
     @staticmethod
@@ -91,8 +104,9 @@ class PromptRenderer:
             {"type": "image", "ref": f"img{item}"} if isinstance(item, int) else {"type": "text", "text": item}
             for item in question.content
         ]
+        system = [] if question.system is None else [{"role": "system", "content": [{"type": "text", "text": question.system}]}]
         return {
-            "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": []}],
+            "messages": [*system, {"role": "user", "content": content}, {"role": "assistant", "content": []}],
             "answer": "",
         }
 
@@ -111,6 +125,14 @@ class PromptRenderer:
         return self._prompt(self.processor, question, images)
 
 
+def batches(order: list[int], size: int, min_size: int = 1) -> list[list[int]]:
+    """`order` cut into batches of `size`; a last batch smaller than `min_size` joins the one before."""
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+    if len(chunks) > 1 and len(chunks[-1]) < min_size:
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    return chunks
+
+
 def generate_responses(
     model: LatentVLM, data: EvalData, questions: list[Question], cfg: EvalConfig, return_latents: bool = False
 ) -> list[Generated]:
@@ -120,6 +142,15 @@ def generate_responses(
         return []
     if cfg.open_latent and not cfg.latent:
         raise ValueError("open_latent needs latent reasoning allowed (--latent)")
+    swap = cfg.latent_intervention == "swap"
+    if swap and cfg.batch_size < 2:
+        raise ValueError("latent_intervention swap needs --batch-size >= 2: a question takes another question's "
+                         "latents from its batch")
+    if swap and len(questions) < 2:
+        raise ValueError(f"latent_intervention swap needs at least 2 questions, got {len(questions)}")
+    if cfg.trajectories > 1 and cfg.latent_noise == "none":
+        raise ValueError(f"--trajectories {cfg.trajectories} needs a --latent-noise: without noise every trajectory "
+                         f"is the same greedy answer")
     renderer = PromptRenderer(model, cfg.open_latent)
     order = list(range(len(questions)))
     if cfg.sort_by_length:
@@ -127,7 +158,8 @@ def generate_responses(
         order.sort(key=lengths.__getitem__)
     gen_cfg = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens, latent=cfg.latent, latent_intervention=cfg.latent_intervention,
-        return_latents=return_latents,
+        return_latents=return_latents, trajectories=cfg.trajectories, latent_noise=cfg.latent_noise,
+        noise_std=cfg.noise_std, seed=cfg.seed,
     )
     device = next(model.parameters()).device
     out: list[Generated | None] = [None] * len(questions)
@@ -135,8 +167,7 @@ def generate_responses(
     model.eval()
     try:
         with tqdm(total=len(questions), unit="q", desc=f"eval {data.task.name}", disable=not cfg.progress) as bar:
-            for start in range(0, len(order), cfg.batch_size):
-                chunk = order[start : start + cfg.batch_size]
+            for chunk in batches(order, cfg.batch_size, min_size=2 if swap else 1):
                 prompts, pixels = [], []
                 for i in chunk:
                     ids, px = renderer.render(questions[i], data.images(questions[i]))
@@ -145,12 +176,24 @@ def generate_responses(
                         pixels.append(px)
                 # (N_img, 3, H, W): the batch's images in prompt order
                 pixel_values = torch.cat(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)
-                for i, g in zip(chunk, generate_from_prompts(model, prompts, pixel_values, gen_cfg)):
-                    out[i] = replace(g, text=cut_at_stop(g.text, cfg.stop)) if cfg.stop else g
+                cut = (lambda text: cut_at_stop(text, cfg.stop)) if cfg.stop else (lambda text: text)
+                answers = generate_voted(model, prompts, pixel_values, gen_cfg,
+                                         extract=lambda k, text, chunk=chunk: vote_key(data.task, questions[chunk[k]], cut(text)))
+                for i, g in zip(chunk, answers):
+                    out[i] = replace(g, text=cut(g.text)) if cfg.stop else g
                 bar.update(len(chunk))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def vote_key(task: Task, question: Question, response: str) -> str | None:
+    """What a trajectory's vote counts as: its prediction parsed by the task's protocol (the letter of a
+    multiple-choice question, the parsed candidates of an open one), None when nothing parses (not counted)."""
+    verdict = task.judge(question, response)
+    if question.question_type == "multiple-choice":
+        return verdict.prediction
+    return json.dumps(sorted(map(str, verdict.parsed))) if verdict.parsed else None
 
 
 def score(
@@ -181,6 +224,8 @@ def score(
             record["latent_steps"] = generated[k].latent_steps
             record["entered_latent"] = generated[k].entered_latent
             record["positions"] = generated[k].positions
+            if generated[k].votes is not None:  # test-time scaling: how the trajectories voted
+                record["votes"] = generated[k].votes
         records.append(record)
     return records
 

@@ -1,7 +1,8 @@
 """Evaluating on mmlatent's own shards: the synthetic held-out split, or any converted multiple-choice set.
 
-Each sample's turns before the assistant's become the question (text and question images in order, so the
-prompt is exactly the training prompt), its `choices` the options and its `answer` the gold letter; the
+Each sample's turns before the assistant's become the question (its system turn as the question's
+`system`, the user turn's text and question images in order, so the prompt is exactly the training
+prompt), its `choices` the options and its `answer` the gold letter; the
 answer is parsed by the same MMMU parser as the benchmarks. Shards are read with the training pipeline's
 own reader and validation (`decode_samples`), so a damaged shard is counted, not fatal. Only the question
 images are kept in memory (aux images are the reasoning's, not the question's).
@@ -41,9 +42,13 @@ def question_of(sample: dict) -> tuple[Question, dict[int, Image.Image]]:
     meta = sample["meta"]
     content: list[str | int] = []
     images: dict[int, Image.Image] = {}
+    system: list[str] = []
     for message in meta["messages"]:
         if message["role"] == "assistant":
             break
+        if message["role"] == "system":
+            system += [item["text"] for item in message["content"] if item["type"] == "text"]
+            continue
         for item in message["content"]:
             if item["type"] == "text":
                 content.append(item["text"])
@@ -56,7 +61,7 @@ def question_of(sample: dict) -> tuple[Question, dict[int, Image.Image]]:
     fields = {"source": meta.get("source", ""), **{k: extra[k] for k in ("task", "hops", "path") if k in extra}}
     question = Question(
         id=sample["key"], row=0, content=content, question_type="multiple-choice" if choices else "open",
-        choices=choices, gold=str(meta["answer"]), fields=fields,
+        choices=choices, gold=str(meta["answer"]), fields=fields, system="".join(system) if system else None,
     )
     return question, images
 

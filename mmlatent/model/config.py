@@ -42,6 +42,11 @@ class ModelConfig:
     """The native VLM (used when `backbone` is not `composed`)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters on the language model (peft), for either backbone kind."""
+    system_prompt: str | None = None
+    """The system turn of this model's chats: training renders it into every sample without a system turn of
+    its own, and generation and evaluation start every prompt with it (a sample's own system turn wins), so
+    the model is asked its questions as it was trained. None: only a sample's own system turn. Set it to what
+    the training data carry (Monet-SFT conversions: "You are a helpful assistant.")."""
     preset: str | None = None
     """The named preset this config starts from (`tiny`, `tiny-demo`, `siglip-qwen2.5-0.5b`, ...; see
     `mmlatent.model.presets`). In a `mmlatent fit|validate|test|predict` config, `model.vlm.preset: NAME` takes

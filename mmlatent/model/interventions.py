@@ -6,8 +6,8 @@ replaced before the LM reads it:
 - `zero`: the zero vector;
 - `noise`: Gaussian noise rescaled to the norm of the vector it replaces (same size, no content);
 - `swap`: the vector another question of the batch fed at the same (block, slot) in an untouched run
-  (question i takes question i + 1's, cyclically; past the end of the donor's trajectory, the donor's last
-  vector; zeros if the donor never entered a block).
+  (each question takes the next question's, cyclically, trajectory k of it under test-time scaling; past the
+  end of the donor's trajectory, the donor's last vector; zeros if the donor never entered a block).
 
 If accuracy barely moves under these, the answers do not depend on what the latents hold (CapImagine's
 finding for Monet, LVR and Mirage). The trade-off of `swap`: it needs the untouched run's trajectories
@@ -71,8 +71,21 @@ class ReplayLatents:
         return torch.stack(out) if out else vectors
 
 
-def swap_donors(n: int) -> list[int]:
-    """Question i takes the latents of question i + 1 (the last takes the first's): nobody keeps its own."""
-    if n < 2:
-        raise ValueError("latent_intervention='swap' needs at least two questions in a batch (batch size >= 2)")
-    return [(i + 1) % n for i in range(n)]
+def swap_donors(questions: list[int]) -> list[int]:
+    """The donor row of every row: `questions[r]` names the question row r asks (test-time scaling repeats a
+    question over several rows in a row). Row r takes the row of the next question of the batch (cyclically,
+    in order of first appearance) that holds the same trajectory of it (its k-th row, k modulo that question's
+    row count): a donor is always another question."""
+    order = list(dict.fromkeys(questions))  # distinct questions, in order
+    if len(order) < 2:
+        raise ValueError(
+            f"latent_intervention='swap' needs at least two different questions in a batch, got {len(order)}: "
+            f"every question takes another question's latents"
+        )
+    rows: dict[int, list[int]] = {q: [] for q in order}
+    rank = []  # row r is the rank[r]-th row of its question
+    for r, q in enumerate(questions):
+        rank.append(len(rows[q]))
+        rows[q].append(r)
+    following = {q: order[(k + 1) % len(order)] for k, q in enumerate(order)}
+    return [rows[following[q]][rank[r] % len(rows[following[q]])] for r, q in enumerate(questions)]

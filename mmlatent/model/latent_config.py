@@ -60,7 +60,7 @@ class LatentConfig:
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError(f"latent.slots={self.slots} must be at least 1")
-        if self.jacobi_iterations < 1:
-            raise ValueError(f"latent.jacobi_iterations={self.jacobi_iterations} must be at least 1")
+        if self.jacobi_iterations < 2:  # with 1 pass no slot is ever refined: they read the raw <|latent|> embedding
+            raise ValueError(f"latent.jacobi_iterations={self.jacobi_iterations} must be at least 2")
         if self.step_budget is not None and self.step_budget < 1:
             raise ValueError(f"latent.step_budget={self.step_budget} must be at least 1")

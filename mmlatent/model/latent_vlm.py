@@ -29,10 +29,12 @@ from mmlatent.model.generation import Generated, GenerationConfig, generate_vote
 from mmlatent.model.language_model import load_language_model
 from mmlatent.model.lora import LoraAdapters, LoraConfig, apply_lora
 from mmlatent.model.lq_former import LQFormer
+from mmlatent.model.mc_dropout import RowDropout
 from mmlatent.model.native_backbone import build_native_backbone
 from mmlatent.model.sketch_head import SketchHead
 from mmlatent.model.tokenizer import load_tokenizer
-from mmlatent.tokens import prompt_ids, token_ids
+from mmlatent.chat_template import prompt_ids
+from mmlatent.tokens import token_ids
 
 IMAGE_MARKER = "<image>"
 """Where an image goes in a `LatentVLM.generate` prompt."""
@@ -136,14 +138,20 @@ class LatentVLM(nn.Module):
         positions = torch.where(valid, order, torch.full_like(order, torch.iinfo(torch.long).max))
         return VisualContext(tokens=tokens, positions=positions, valid=valid)
 
-    def latent_step(self, h: Tensor, visual: Tensor | None = None, visual_mask: Tensor | None = None) -> LatentStep:
-        """Hidden states at p-1 (n, D) -> inputs for slots p (n, D), in the configured mode."""
+    def latent_step(
+        self, h: Tensor, visual: Tensor | None = None, visual_mask: Tensor | None = None, mc: RowDropout | None = None
+    ) -> LatentStep:
+        """Hidden states at p-1 (n, D) -> inputs for slots p (n, D), in the configured mode. `mc`: MC dropout
+        in the LQ-Former (thought mode; the sketch head has no dropout)."""
         if self.lq_former is None:
+            if mc is not None:
+                raise ValueError("MC dropout (latent_noise='mc_dropout') acts on the LQ-Former's dropout: thought mode "
+                                 "only; sketch mode has none (use latent_noise 'gaussian' or 'dropout')")
             return LatentStep(vector=self.sketch_head(h), indices=None, relevance=None)
         if visual is None:  # no image at all: an empty context
             visual = h.new_zeros(h.shape[0], 1, h.shape[-1])
             visual_mask = torch.zeros(h.shape[0], 1, dtype=torch.bool, device=h.device)
-        thought = self.lq_former(h, visual.to(h.dtype), visual_mask)
+        thought = self.lq_former(h, visual.to(h.dtype), visual_mask, mc)
         return LatentStep(vector=thought.vector, indices=thought.indices, relevance=thought.relevance)
 
     @torch.no_grad()
@@ -175,33 +183,47 @@ class LatentVLM(nn.Module):
         """Answer questions about images, batched: `images[i]` (one PIL image or a list) goes with `prompts[i]`.
 
         Each `<image>` in a prompt marks where its next image goes; a prompt without markers gets its images
-        first, as the training data puts question images. Returns one `Generated` per prompt: `.text`, the
+        first, as the training data puts question images; the model's `cfg.system_prompt`, if any, opens
+        every prompt (the chat template of training, `mmlatent.chat_template`). Returns one `Generated` per prompt: `.text`, the
         positions spent, and with `config.return_latents` the vectors of its latent blocks (thought mode: what
         each thought selected). Decoding follows `config` (greedy, latent blocks allowed, by default).
         """
         if len(images) != len(prompts):
             raise ValueError(f"generate: {len(images)} image entries for {len(prompts)} prompts")
         device = next(self.parameters()).device
-        transform = self.backbone.image_transform(train=False)
         ids, pixels = [], []
         for i, (imgs, text) in enumerate(zip(images, prompts)):
-            imgs = [imgs] if isinstance(imgs, Image.Image) else list(imgs)
-            pieces = text.split(IMAGE_MARKER)
-            if len(pieces) == 1:
-                content: list[str | None] = [*[None] * len(imgs), text]
-            elif len(pieces) - 1 == len(imgs):
-                content = [x for k, piece in enumerate(pieces) for x in ([None, piece] if k else [piece]) if x != ""]
-            else:
-                raise ValueError(f"generate: prompt {i} has {len(pieces) - 1} {IMAGE_MARKER} markers for {len(imgs)} images")
-            ids.append(torch.tensor(prompt_ids(self.tokenizer, content, self.tokens_per_image), device=device))
-            pixels += [transform(img.convert("RGB")) for img in imgs]
-        pixel_values = torch.stack(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)  # (N_img, 3, H, W)
+            prompt, prompt_pixels = self.prompt(imgs, text, where=f"generate: prompt {i}")
+            ids.append(prompt.to(device))
+            if prompt_pixels.shape[0]:
+                pixels.append(prompt_pixels)
+        pixel_values = torch.cat(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)  # (N_img, 3, H, W)
         was_training = self.training
         self.eval()
         try:
             return generate_voted(self, ids, pixel_values, config or GenerationConfig())
         finally:
             self.train(was_training)
+
+    def prompt(self, images: Image.Image | list[Image.Image], text: str, where: str = "prompt") -> tuple[Tensor, Tensor]:
+        """One `generate` prompt as ids (L,) and images (N_img, 3, H, W): a user turn of `text` with its images
+        at the `<image>` markers (first, without markers), after the model's `system_prompt`, rendered with
+        the chat template training renders samples with."""
+        imgs = [images] if isinstance(images, Image.Image) else list(images)
+        pieces = text.split(IMAGE_MARKER)
+        image, words = {"type": "image"}, lambda piece: {"type": "text", "text": piece}
+        if len(pieces) == 1:
+            content = [*[image] * len(imgs), words(text)]
+        elif len(pieces) - 1 == len(imgs):
+            content = [x for k, piece in enumerate(pieces) for x in ([image, words(piece)] if k else [words(piece)])
+                       if x.get("text") != ""]
+        else:
+            raise ValueError(f"{where} has {len(pieces) - 1} {IMAGE_MARKER} markers for {len(imgs)} images")
+        messages = [{"role": "user", "content": content}]
+        ids = prompt_ids(self.tokenizer, messages, self.tokens_per_image, self.cfg.system_prompt)
+        transform = self.backbone.image_transform(train=False)
+        pixels = [transform(img.convert("RGB")) for img in imgs]
+        return torch.tensor(ids), torch.stack(pixels) if pixels else torch.zeros(0, 3, 1, 1)
 
     @classmethod
     def from_pretrained(cls, dir_or_hub_id: str | Path, revision: str | None = None, token: str | None = None) -> "LatentVLM":

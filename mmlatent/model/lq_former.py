@@ -20,7 +20,9 @@ cross-attention (the same lookup with it: hit rate > 0.97 after 200 steps). It c
 thought, and cross-attention sees a blurred view of the whole image while the relevance is still flat.
 
 Batched over any n: the latent loop calls it with n = B (one slot per sample) or n = B·S (Jacobi mode,
-all slots at once). A row with no visible token gets a zero cross-attention update, never NaN.
+all slots at once). A row with no visible token gets a zero cross-attention update, never NaN. Handed a
+`RowDropout` (MC-dropout test-time scaling), every dropout site draws each row's mask from that row's
+generator, in eval mode too.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmlatent.model.mc_dropout import RowDropout
 from mmlatent.model.token_selection import TokenSelectionConfig, TokenSelector
 
 
@@ -58,8 +61,8 @@ class LQFormerConfig:
     the gate cannot shut the image out (measured with `hidden`: the gate closes to 0.27 and the thought
     loses the colour a linear probe reads at 73% from the output)."""
     dropout: float = 0.0
-    """Dropout in attention and MLP, active in train mode only (MC-dropout test-time scaling keeps the
-    module in train mode)."""
+    """Dropout in attention and MLP, active in train mode only. (MC-dropout test-time scaling,
+    `generation.latent_noise: mc_dropout`, drops at the same sites at its own rate, in eval mode.)"""
 
     def __post_init__(self) -> None:
         if self.num_queries < 0:
@@ -102,7 +105,7 @@ class _Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor | None, mc: RowDropout | None = None) -> Tensor:
         n, Q, D = x.shape
         K, H = ctx.shape[1], self.heads
         q = self.q(x).view(n, Q, H, D // H).transpose(1, 2)  # (n, H, Q, D/H)
@@ -112,7 +115,13 @@ class _Attention(nn.Module):
             has_ctx = ctx_mask.any(-1)  # (n,)
             # a row with nothing to attend to attends to everything, then its result is zeroed (never NaN)
             mask = (ctx_mask | ~has_ctx[:, None])[:, None, None, :]  # (n, 1, 1, K)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if mc is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        else:  # the same attention with each row's weights dropped by its own generator (MC dropout)
+            scores = q @ k.transpose(-1, -2) / (D // H) ** 0.5  # (n, H, Q, K)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            y = mc(scores.softmax(-1)) @ v  # (n, H, Q, D/H)
         y = y.transpose(1, 2).reshape(n, Q, D)  # (n, Q, D)
         if has_ctx is not None:
             y = torch.where(has_ctx[:, None, None], y, 0.0)  # (n, Q, D)
@@ -132,11 +141,14 @@ class _Layer(nn.Module):
             nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, dim), nn.Dropout(cfg.dropout)
         )
 
-    def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor, ctx_mask: Tensor, mc: RowDropout | None = None) -> Tensor:
         h = self.norm1(x)  # (n, Q+1, D)
-        x = x + self.self_attn(h, h, None)  # (n, Q+1, D) queries attend to each other
-        x = x + self.cross_attn(self.norm2(x), ctx, ctx_mask)  # (n, Q+1, D) ... and to the visual context
-        return x + self.mlp(self.norm3(x))  # (n, Q+1, D)
+        x = x + self.self_attn(h, h, None, mc)  # (n, Q+1, D) queries attend to each other
+        x = x + self.cross_attn(self.norm2(x), ctx, ctx_mask, mc)  # (n, Q+1, D) ... and to the visual context
+        y = self.norm3(x)
+        for part in self.mlp:  # its dropouts follow MC dropout's masks when it runs
+            y = mc(y) if mc is not None and isinstance(part, nn.Dropout) else part(y)
+        return x + y  # (n, Q+1, D)
 
 
 class LQFormer(nn.Module):
@@ -168,9 +180,9 @@ class LQFormer(nn.Module):
         token = visual[torch.arange(len(top), device=visual.device), top.clamp_min(0)]  # (n, D)
         return torch.where((top >= 0)[:, None], token, 0.0)
 
-    def forward(self, h: Tensor, visual: Tensor, visual_mask: Tensor) -> Thought:
+    def forward(self, h: Tensor, visual: Tensor, visual_mask: Tensor, mc: RowDropout | None = None) -> Thought:
         """h (n, D) hidden states at p-1; visual (n, M, D) LM-space visual tokens; visual_mask (n, M) bool
-        (visible to this slot) -> thoughts for slots p."""
+        (visible to this slot) -> thoughts for slots p. `mc`: MC dropout at every dropout site, row by row."""
         n, D = h.shape
         selected, selected_mask, indices, relevance = self.selector(h, visual, visual_mask)  # (n, k, D), (n, k), ...
         summary = torch.einsum("nm,nmd->nd", relevance, visual)[:, None]  # (n, 1, D) relevance-weighted mean
@@ -179,7 +191,7 @@ class LQFormer(nn.Module):
         ctx = self.ctx_norm(ctx)  # (n, k+1, D)
         x = torch.cat([self.queries[None].expand(n, -1, -1), self.h_in(h)[:, None]], dim=1)  # (n, Q+1, D)
         for layer in self.layers:
-            x = layer(x, ctx, ctx_mask)  # (n, Q+1, D)
+            x = layer(x, ctx, ctx_mask, mc)  # (n, Q+1, D)
         out = self.h_out(self.norm(x[:, -1]))  # (n, D) the h-query's output
         g = torch.sigmoid(self.gate(torch.cat([h, out], dim=-1)))  # (n, 1)
         if self.cfg.base == "hidden":

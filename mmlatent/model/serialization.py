@@ -62,6 +62,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -430,7 +431,21 @@ def read_pretrained(dir_or_hub_id: str | Path, revision: str | None = None, toke
     the weights in with `restore`; `LatentVLM.from_pretrained` does both.
     """
     folder = resolve_folder(dir_or_hub_id, revision=revision, token=token)
+    check_weight_files(folder)
     return loading_config(read_config(folder), folder), read_weights(folder)
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors file of the folder (its own, `lm/`'s or `vlm/`'s) has a whole header and all the
+    bytes it announces, else a one-line error naming the file: a truncated download or copy is found
+    before any weight is read (only headers are read here)."""
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: not a complete safetensors file ({err}); it is truncated or corrupt: "
+                             f"download or export the model again") from err
 
 
 def restore(model: LatentVLM, state: dict[str, Tensor], where: str | Path = "the folder") -> LatentVLM:

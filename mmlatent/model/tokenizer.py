@@ -5,14 +5,21 @@ Any tokenizer goes through `AutoTokenizer.from_pretrained`: a Hub id, a local fo
 `mmlatent.data.synthetic_tokenizer` (`mmlatent data synth` and `mmlatent data tokenizer` build it). The special
 tokens and their ids are `mmlatent.tokens`'s; the LM's embedding matrix is resized to the tokenizer by the
 backbone.
+
+An exported folder holds its tokenizer beside mmlatent's own `config.json`, which `AutoTokenizer` reads first
+to choose the tokenizer class; it is handed mmlatent's config class for it (transformers would otherwise warn
+about an unknown model type on every load), so the class saved in `tokenizer_config.json` is the one loaded.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from mmlatent.model.remote_code import MODEL_TYPE
 from mmlatent.tokens import add_special_tokens, synthetic_tokenizer_dir
 
 
@@ -43,7 +50,24 @@ def load_tokenizer(cfg: TokenizerConfig) -> PreTrainedTokenizerBase:
             )
         source = str(folder)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, config=export_config(source)
+        )
     except OSError as err:
         raise ValueError(f"tokenizer.name_or_path={source!r} could not be loaded: {err}") from err
     return add_special_tokens(tok)
+
+
+def export_config(source: str) -> PretrainedConfig | None:
+    """The config `AutoTokenizer` is handed for `source`: an mmlatent export folder's `config.json` as
+    mmlatent's `LatentVLMConfig`; None for anything else (AutoTokenizer reads the source's own config)."""
+    path = Path(source) / "config.json"
+    try:
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None  # not a readable JSON object: AutoTokenizer reports it as it would
+    if model_type != MODEL_TYPE:
+        return None
+    from mmlatent.model.remote_code.configuration_mmlatent import LatentVLMConfig
+
+    return LatentVLMConfig.from_pretrained(source)

@@ -3,16 +3,20 @@
 Stage hand-off (`init_from`), online teachers and the teacher-cache command all need "the `LatentVLM` in
 this checkpoint" without a Trainer. Checkpoints are opened with `torch.load(weights_only=True)`: the
 module stores its hyper-parameters as plain dicts, so no pickle of a class is needed, and nothing in a
-checkpoint can run code.
+checkpoint can run code. A file that cannot be read (truncated, empty, not a checkpoint) is a
+`CheckpointError` naming it and the cause in one line (`checkpoint_error`; Lightning's own loading of
+`--ckpt_path` goes through `checkpointing.AtomicCheckpointIO`, which raises the same).
 """
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
-from mmlatent.config_io import from_dict
+from mmlatent.config_io import ConfigError, from_dict
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.latent_vlm import LatentVLM
 
@@ -20,13 +24,39 @@ MODEL_PREFIX = "model."
 """Prefix of the `LatentVLM` parameters in the Lightning module's state dict."""
 
 
+READ_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError)
+"""What `torch.load` raises on a file that is not a readable checkpoint."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be read; the message names the file and the cause."""
+
+
+def checkpoint_error(path: str | Path, err: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint `torch.load` could not read."""
+    first = (str(err).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    if isinstance(err, EOFError):
+        cause = "the file ends early (empty or truncated)"
+    elif isinstance(err, pickle.UnpicklingError):
+        cause = "not a PyTorch checkpoint of tensors and plain values (torch.load with weights_only=True refused it)"
+    elif "central directory" in first or isinstance(err, zipfile.BadZipFile):
+        cause = f"truncated, or not a PyTorch checkpoint ({first})"
+    else:
+        cause = first or type(err).__name__
+    return CheckpointError(f"checkpoint {path} cannot be read: {cause}; write it again or use another checkpoint")
+
+
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict, with a clear error when the file is missing or not a Lightning checkpoint."""
+    """The checkpoint dict, with a clear error when the file is missing, unreadable or not a Lightning
+    checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except READ_ERRORS as err:
+        raise checkpoint_error(path, err) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{path} is not an mmlatent Lightning checkpoint (no state_dict/hyper_parameters)")
     return ckpt
 

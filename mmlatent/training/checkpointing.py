@@ -8,7 +8,8 @@ leaves the previous checkpoint untouched and removes its temporary file, so `--c
 finds the last good state. Lightning's own writer streams into the target path (through an fsspec
 transaction whose temporary file may live on another file system), so a crash mid-write can leave a
 truncated `last.ckpt`. Loading uses `weights_only=True` (DESIGN §5): every object mmlatent puts in a
-checkpoint is a tensor, a number, a string or a container of those.
+checkpoint is a tensor, a number, a string or a container of those; a file it cannot read stops the run
+at start with one line naming it (`checkpoint_reader.CheckpointError`).
 
 The trade-off: the checkpoint is serialised in memory first (as Lightning does) and needs room for a
 second copy on disk while it is written; remote paths (`s3://…`) fall back to Lightning's writer, which
@@ -30,6 +31,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mmlatent.atomic import write_bytes
+from mmlatent.training.checkpoint_reader import READ_ERRORS, checkpoint_error
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_bytes(path, buffer.getvalue(), durable=True)
 
     def load_checkpoint(self, path, map_location: Any = _to_storage, weights_only: bool | None = None) -> dict[str, Any]:
-        """Lightning's loader with `weights_only=True` unless the caller says otherwise."""
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
+        """Lightning's loader with `weights_only=True` unless the caller says otherwise; an unreadable file
+        is a one-line `CheckpointError` naming it."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only is not False)
+        except FileNotFoundError:
+            raise
+        except READ_ERRORS as err:
+            raise checkpoint_error(path, err) from err
 
 
 class LatestCheckpoint(ModelCheckpoint):

@@ -38,6 +38,7 @@ from mmlatent.training.checkpoint_reader import init_weights
 from mmlatent.training.fault import FaultConfig, StepGuard
 from mmlatent.training.optim import OptimConfig, build_optimizer
 from mmlatent.training.resume import gather_rng_states, set_rng_state
+from mmlatent.training.resume_check import check_resume
 from mmlatent.training.metrics import observation_accuracy
 from mmlatent.training.stages import StageConfig, build_stage
 
@@ -257,6 +258,11 @@ class LatentVLMModule(L.LightningModule):
         checkpoint["rng_states"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resume (`--ckpt_path`) must be the same run: stop when the checkpoint's stage or model settings
+        are not this command's (`resume_check`); then keep its RNG states for the first batch."""
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        check_resume(f"--ckpt_path {path}" if path else "the checkpoint", checkpoint.get("hyper_parameters", {}),
+                     dict(self.hparams), {"vlm": ("model.vlm", ModelConfig), "stage": ("model.stage", StageConfig)})
         self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:

@@ -117,9 +117,16 @@ def test_an_unreadable_source_is_a_clear_error(tmp_path, processor):
 def test_monet_recipe_mixture_config_parses():
     from jsonargparse import ArgumentParser
 
+    import yaml
+
+    from mmlatent.data.convert import MonetConfig
+
+    recipe = yaml.safe_load((REPO / "datasets" / "monet" / "mixture.yaml").read_text())
+    # the model keeps the system turn the converter writes into every sample, for its prompts at inference
+    assert recipe.pop("model") == {"vlm": {"system_prompt": MonetConfig(source="").system_prompt}}
     parser = ArgumentParser()
     parser.add_class_arguments(ShardDataModule, "data")
-    cfg = parser.parse_path(str(REPO / "datasets" / "monet" / "mixture.yaml"))
+    cfg = parser.parse_object(recipe)
     mixture = parser.instantiate_classes(cfg).data.mixture
     assert isinstance(mixture, MixtureConfig) and len(mixture.sources) == 6
     assert [Path(s.shards).name for s in mixture.sources] == [

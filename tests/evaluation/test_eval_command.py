@@ -10,7 +10,7 @@ import torch
 
 from mmlatent.evaluation.command import load_model, main
 from mmlatent.evaluation.runner import EvalConfig, evaluate
-from mmlatent.evaluation.tasks import load_eval_data
+from mmlatent.evaluation.tasks import TASKS, load_eval_data
 from tests.evaluation.test_eval_data import write_mmmu, write_scienceqa
 
 
@@ -71,3 +71,56 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--task", "scienceqa", "--data", str(tmp_path), "--responses", "r.jsonl", "--output", str(tmp_path / "o")])
     assert err.value.code == 2 and "no parquet files for split 'test'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, tiny_model):
+    """The session's tiny model as an exported folder (`--model DIR` loads it like a Hub id)."""
+    return tiny_model.save_pretrained(tmp_path_factory.mktemp("export") / "tiny")
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_exits_0_and_draws_every_breakdown(task, tmp_path, export_dir, synth_dir, capsys):
+    """`mmlatent eval --task T` for every task: exit 0, all output files, and a chart panel per breakdown
+    (synthetic's `tasks` and `hops`, shards' `sources`, MMMU's disciplines and subjects, ScienceQA's groups)."""
+    from mmlatent.evaluation.chart import panels
+
+    data = {
+        "mmmu": lambda: write_mmmu(tmp_path / "mmmu", "data", ("validation",)),
+        "scienceqa": lambda: write_scienceqa(tmp_path / "sqa", "data"),
+        "shards": lambda: synth_dir / "val",
+        "synthetic": lambda: synth_dir / "val",
+    }[task]()
+    out = tmp_path / "out"
+    main(["--task", task, "--data", str(data), "--model", str(export_dir), "--output", str(out), "--limit", "3",
+          "--batch-size", "2", "--max-new-tokens", "3", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+          "--device", "cpu"])
+    assert last_json(capsys)["num"] == 3
+    assert {"results.json", "results.png", "samples.jsonl"} <= {p.name for p in out.iterdir()}
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    drawn = {label for _, groups in panels(results) for label in groups}
+    for name, groups in results["breakdown"].items():
+        want = {"Overall"} if name == "overall" else set(groups)
+        assert want <= drawn, name
+
+
+def test_test_time_scaling_flags_vote_and_record_the_votes(tmp_path, export_dir, synth_dir, capsys):
+    """`--trajectories M --latent-noise K` reach the vote: each line of samples.jsonl holds how the M
+    trajectories voted (parsed letters; an unparsable answer is not counted); without noise, or with MC
+    dropout on a sketch-mode model, the command stops with one line saying why."""
+    out = tmp_path / "out"
+    common = ["--task", "synthetic", "--data", str(synth_dir / "val"), "--model", str(export_dir), "--limit", "2",
+              "--max-new-tokens", "3", "--no-progress", "--device", "cpu"]
+    main([*common, "--output", str(out), "--trajectories", "3", "--latent-noise", "gaussian", "--noise-std", "0.5"])
+    lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(sum(r["votes"].values()) <= 3 for r in lines)
+    assert all(set(r["votes"]) <= set("ABCD") for r in lines)
+    assert all(r["prediction"] == max(r["votes"], key=r["votes"].get) for r in lines if r["votes"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval"]["trajectories"] == 3 and results["eval"]["latent_noise"] == "gaussian"
+    for extra, why in ((["--trajectories", "2"], "needs a --latent-noise"),
+                       (["--trajectories", "2", "--latent-noise", "mc_dropout"], "thought mode only")):
+        with pytest.raises(SystemExit) as err:
+            main([*common, "--output", str(tmp_path / "o2"), *extra])
+        assert err.value.code == 2 and why in capsys.readouterr().err

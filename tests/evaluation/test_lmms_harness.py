@@ -73,6 +73,36 @@ def harness(tmp_path_factory, tiny_model):
     return {"tmp": tmp, "export": Path(export), "sqa": sqa, "mmmu": mmmu, "tasks": tasks}
 
 
+UNTIL_CONTEXTS = ["Which colour?", "What is it?\nA. cat\nB. dog", "Name it."]
+
+
+@pytest.fixture(scope="module")
+def talkative():
+    """A tiny model whose greedy answers hold text to cut and score. Randomly initialised, an answer is often
+    one token repeated, or ends at once, and `\\n` repeated strips to nothing; so `<|im_end|>`'s logit is held
+    at 0 (answers run to `max_new_tokens`) and the first init seed whose answers to `UNTIL_CONTEXTS` hold text
+    is taken (deterministic on CPU)."""
+    import torch
+
+    from mmlatent.model.generation import GenerationConfig
+    from mmlatent.model.latent_vlm import LatentVLM
+    from mmlatent.model.presets import preset
+
+    red = open_png(png((255, 0, 0)))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = LatentVLM(preset("tiny")).eval()
+        head = model.backbone.transformers_model.get_output_embeddings()
+        with torch.no_grad():
+            head.weight[model.ids.turn_end] = 0
+            if getattr(head, "bias", None) is not None:
+                head.bias[model.ids.turn_end] = -1e4
+        answers = model.generate([[red]] * 3, UNTIL_CONTEXTS, GenerationConfig(max_new_tokens=12))
+        if max(len(g.text) for g in answers) >= 4:
+            return model
+    raise AssertionError("no init seed in 0..19 gives the tiny model an answer with text")
+
+
 def lmms_samples(out: Path, task: str) -> list[dict]:
     [path] = sorted(out.rglob(f"*samples_{task}.jsonl"))
     return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
@@ -198,24 +228,24 @@ def request(kind: str, args: tuple, doc_id: int = 0):
     return Instance(request_type=kind, arguments=args, idx=0, metadata={"task": args[4], "doc_id": doc_id, "repeats": 1})
 
 
-def test_loglikelihood_scores_the_greedy_continuation_highest(tiny_model):
+def test_loglikelihood_scores_the_greedy_continuation_highest(talkative):
     from mmlatent.evaluation.lmms_model import LatentVLMLmms
     from mmlatent.model.generation import GenerationConfig
 
-    lm = LatentVLMLmms(pretrained=tiny_model)
+    lm = LatentVLMLmms(pretrained=talkative)
     lm.task_dict = {"t": {"test": [{"image": png((200, 0, 0))}]}}
     visual = lambda doc: [open_png(doc["image"])]  # noqa: E731
     context = "Which colour?\nA. red\nB. green"
-    [g] = tiny_model.generate([visual(lm.task_dict["t"]["test"][0])], [context], GenerationConfig(max_new_tokens=3, latent=False))
-    greedy = tiny_model.tokenizer.decode(g.token_ids[:3])
-    assert tiny_model.tokenizer(greedy, add_special_tokens=False)["input_ids"] == g.token_ids[:3]  # round-trips
-    other = tiny_model.tokenizer.decode(g.token_ids[:2] + [g.token_ids[2] + 1])
+    [g] = talkative.generate([visual(lm.task_dict["t"]["test"][0])], [context], GenerationConfig(max_new_tokens=3, latent=False))
+    greedy = talkative.tokenizer.decode(g.token_ids[:3])
+    assert talkative.tokenizer(greedy, add_special_tokens=False)["input_ids"] == g.token_ids[:3]  # round-trips
+    other = talkative.tokenizer.decode(g.token_ids[:2] + [g.token_ids[2] + 1])
     (lp_greedy, is_greedy), (lp_other, other_greedy) = lm.loglikelihood(
         [request("loglikelihood", (context, c, visual, 0, "t", "test")) for c in (greedy, other)])
     assert is_greedy and not other_greedy and lp_other < lp_greedy < 0
 
 
-def test_generation_honours_until_and_places_images_at_their_tags(tiny_model):
+def test_generation_honours_until_and_places_images_at_their_tags(talkative):
     from mmlatent.evaluation.lmms_model import LatentVLMLmms, user_turn
     from mmlatent.model.generation import GenerationConfig
 
@@ -224,12 +254,11 @@ def test_generation_honours_until_and_places_images_at_their_tags(tiny_model):
     assert user_turn("Is <image 3> like <image 1>?", [red, blue], False) == [0, 1, "Is <image 3> like <image 1>?"]
     assert user_turn("<image> and <image>", [red, blue], True) == [0, " and ", 1]
 
-    lm = LatentVLMLmms(pretrained=tiny_model, batch_size=2)
+    lm = LatentVLMLmms(pretrained=talkative, batch_size=2)
     lm.task_dict = {"t": {"test": [{}, {}, {}]}}
-    contexts = ["Which colour?", "What is it?\nA. cat\nB. dog", "Name it."]
-    full = [g.text for g in tiny_model.generate([[red]] * 3, contexts, GenerationConfig(max_new_tokens=12))]
-    longest = max(full, key=len)
-    assert len(longest) >= 4, full
+    contexts = UNTIL_CONTEXTS
+    full = [g.text for g in talkative.generate([[red]] * 3, contexts, GenerationConfig(max_new_tokens=12))]
+    longest = max(full, key=len)  # >= 4 characters (the fixture's choice)
     stop = longest[len(longest) // 2 :][:2]  # a piece from the middle of an answer: answers are cut right before it
     gen = {"until": [stop], "max_new_tokens": 12, "temperature": 0, "do_sample": False}
     out = lm.generate_until([request("generate_until", (c, gen, lambda doc: [red], i, "t", "test"), i) for i, c in enumerate(contexts)])

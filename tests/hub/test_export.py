@@ -150,6 +150,18 @@ def test_folder_holds_every_part(exported):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # no temporary folders left
 
 
+def test_loading_an_export_logs_no_warning(exported, caplog, capfd):
+    """A clean load says nothing: transformers used to warn "a model of type `mmlatent` to instantiate a
+    model of type ``" on every load (its AutoTokenizer read the folder's config.json without knowing it)."""
+    import logging
+
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        LatentVLM.from_pretrained(exported["out"])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "model of type" not in capfd.readouterr().err
+
+
 def test_generation_config_round_trips(exported):
     from mmlatent.model.serialization import load_generation_config
 
@@ -395,6 +407,28 @@ def test_only_safetensors_and_known_formats_are_read(exported, tmp_path):
 
     with pytest.raises(ValueError, match="points outside the folder"):
         loading_config(read_config(folder), folder)
+
+
+@pytest.mark.parametrize("part", [".", "lm"])
+def test_a_truncated_weights_file_is_one_line_naming_it(exported, tmp_path, capsys, part, synth_dir):
+    """A half-copied safetensors file (the folder's own or the LM's) stops the load before any weight is read,
+    naming the file; `mmlatent eval --model` prints that one line."""
+    import shutil
+
+    from mmlatent.evaluation.command import main
+
+    folder = tmp_path / "copy"
+    shutil.copytree(exported["out"], folder)
+    weights = sorted((folder / part).glob("*.safetensors"))[-1].relative_to(folder)  # a shard (max 300KB)
+    data = (folder / weights).read_bytes()
+    (folder / weights).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{folder / weights}: not a complete safetensors file .*truncated"):
+        LatentVLM.from_pretrained(folder)
+    with pytest.raises(SystemExit) as err:
+        main(["--task", "shards", "--data", str(synth_dir / "val"), "--limit", "1", "--model", str(folder),
+              "--output", str(tmp_path / "o")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and f"{folder / weights}: not a complete safetensors file" in lines[-1]
 
 
 def test_writes_are_atomic_and_never_clobber(loaded, tmp_path):

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
 
+import pytest
 import torch
 
 from mmlatent.model.generation import GenerationConfig, generate_from_prompts
@@ -157,19 +158,20 @@ def test_test_time_scaling_votes_over_noisy_trajectories(tiny_model):
     ps, pixels = latent_prompts(tiny_model)
     cfg = GenerationConfig(max_new_tokens=12, trajectories=M, latent_noise="gaussian", noise_std=std, seed=0)
     clean_cfg = GenerationConfig(max_new_tokens=12, return_latents=True)
-    extract = lambda t: t[:3]  # noqa: E731  (every trajectory votes, an empty answer too)
+    extract = lambda i, t: t[:3]  # noqa: E731  (every trajectory votes, an empty answer too)
     rep = [p for p in ps for _ in range(M)]
     rep_pixels = pixels.repeat_interleave(M, dim=0)  # one image per prompt
     # text after a block: no marker tokens, so the answers are words rather than empty strings
     with steered(tiny_model, [ids.latent_start, ids.latent_end], -1e4):
         voted = generate_voted(tiny_model, ps, pixels, cfg, extract=extract)
         again = generate_voted(tiny_model, ps, pixels, cfg, extract=extract)
-        noisy = generate_from_prompts(tiny_model, rep, rep_pixels, replace(cfg, return_latents=True))
+        questions = [i for i in range(len(ps)) for _ in range(M)]  # as generate_voted lays the trajectories out
+        noisy = generate_from_prompts(tiny_model, rep, rep_pixels, replace(cfg, return_latents=True), questions=questions)
         clean = generate_from_prompts(tiny_model, rep, rep_pixels, clean_cfg)
     assert [g.token_ids for g in voted] == [g.token_ids for g in again]  # seeded
     for i, g in enumerate(voted):
         group = noisy[i * M : (i + 1) * M]  # the same batch generate_voted decodes
-        assert g.votes == Counter(extract(t.text) for t in group) and sum(g.votes.values()) == M
+        assert g.votes == Counter(extract(i, t.text) for t in group) and sum(g.votes.values()) == M
         assert g.text[:3] == max(g.votes, key=g.votes.get)
         assert g.positions == sum(t.positions for t in group) and g.latent_steps == sum(t.latent_steps for t in group)
     for i in (0, 2):  # the prompts that open a block: every slot's input carries its own noise
@@ -186,9 +188,99 @@ def test_latent_noise_kinds():
     from mmlatent.model.generation import perturb
 
     v = torch.ones(200, 64)
-    g = torch.Generator().manual_seed(0)
+    g = [torch.Generator().manual_seed(i) for i in range(200)]  # one per row (trajectory)
     gauss = perturb(v, GenerationConfig(latent_noise="gaussian", noise_std=0.5), g)
     assert abs(float((gauss - v).std()) - 0.5) < 0.05
     drop = perturb(v, GenerationConfig(latent_noise="dropout", noise_std=0.25), g)
     assert abs(float((drop == 0).float().mean()) - 0.25) < 0.03 and torch.allclose(drop[drop != 0], torch.tensor(1 / 0.75))
     assert torch.equal(perturb(v, GenerationConfig(), g), v)
+
+
+def latent_model(mode: str, schedule: str):
+    from mmlatent.model.latent_vlm import LatentVLM
+    from mmlatent.model.presets import preset
+
+    cfg = preset("tiny")
+    cfg.latent.mode, cfg.latent.schedule = mode, schedule
+    torch.manual_seed(0)
+    return LatentVLM(cfg).eval()
+
+
+@pytest.mark.parametrize("mode,schedule", [("sketch", "sequential"), ("thought", "sequential"),
+                                           ("sketch", "jacobi"), ("thought", "jacobi")])
+def test_generated_latents_equal_latent_forward_on_the_same_sequence(mode, schedule):
+    """Generation and training compute the same thing: each answer's prompt plus its generated tokens, run
+    through `latent_forward` (the training loop, with the model's schedule) on the same model, gives the
+    latent vectors generation fed and predicts the text tokens it chose. Batched rows open their blocks at
+    different steps (two prompts open one at once). With Jacobi the block's vectors are the refined ones,
+    not the sequential chain's (3 passes for 4 slots), and training's Jacobi refines all of a sequence's
+    blocks together, so the sequence is cut before a second block."""
+    from mmlatent.model.latent_loop import latent_forward
+
+    model = latent_model(mode, schedule)
+    ids = model.ids
+    ps, pixels = latent_prompts(model)
+    cfg = GenerationConfig(max_new_tokens=model.cfg.latent.slots + 4, return_latents=True)
+    out = generate_from_prompts(model, ps, pixels, cfg)
+    assert all(g.positions <= cfg.max_new_tokens for g in out)  # a Jacobi block adds its slots in one step
+    checked = 0
+    for i, (p, g) in enumerate(zip(ps, out)):
+        if not g.entered_latent:
+            continue
+        new = g.token_ids
+        if schedule == "jacobi" and ids.latent_start in new[1:]:
+            new = new[: new.index(ids.latent_start, 1)]
+        seq = torch.tensor(p.tolist() + new)[None]  # (1, L)
+        with torch.no_grad():
+            fwd = latent_forward(model, seq, torch.ones_like(seq), torch.arange(seq.shape[1])[None], pixels[i : i + 1],
+                                 schedule=schedule, prompt_end=torch.tensor([p.numel()]))
+        fed = torch.stack([r.vector for r in g.latents[: fwd.latent_vectors.shape[0]]])
+        torch.testing.assert_close(fwd.latent_vectors, fed, atol=1e-5, rtol=1e-5)
+        if mode == "thought":
+            assert fwd.selected.tolist() == [r.selected.tolist() for r in g.latents[: len(fed)]]
+        logits = fwd.logits[0].clone()
+        logits[:, [ids.latent, ids.latent_end]] = float("-inf")  # never chosen as text (generation masks them too)
+        for k in range(p.numel(), seq.shape[1]):
+            if int(seq[0, k]) not in (ids.latent, ids.latent_end):  # the text tokens greedy decoding chose
+                assert int(logits[k - 1].argmax()) == int(seq[0, k]), (i, k)
+        checked += 1
+    assert checked >= 2
+    if schedule == "jacobi":  # the refined block is not the sequential chain: the two modes really differ
+        model.cfg.latent.schedule = "sequential"
+        seq_out = generate_from_prompts(model, ps, pixels, cfg)
+        assert not torch.allclose(seq_out[0].latents[-1].vector, out[0].latents[model.cfg.latent.slots - 1].vector)
+
+
+def test_jacobi_needs_two_passes():
+    from mmlatent.model.latent_config import LatentConfig
+
+    with pytest.raises(ValueError, match="jacobi_iterations=1 must be at least 2"):
+        LatentConfig(schedule="jacobi", jacobi_iterations=1)
+
+
+def test_mc_dropout_trajectories_differ_by_their_own_seeds_and_the_vote_counts_them():
+    """`latent_noise: mc_dropout`: the LQ-Former's dropout is active (the model stays in eval mode), each
+    trajectory drawing from its own seeded stream: trajectories of a question think different thoughts, a
+    trajectory's thoughts do not depend on what else shares the batch, and the vote counts every trajectory.
+    A sketch model has no dropout to activate and says so."""
+    from mmlatent.model.generation import generate_voted
+
+    model = latent_model("thought", "sequential")
+    ps, pixels = latent_prompts(model)
+    ps, pixels, M = [ps[0], ps[2]], pixels[[0, 2]], 3  # two prompts that open a block at once
+    cfg = GenerationConfig(max_new_tokens=6, trajectories=M, latent_noise="mc_dropout", noise_std=0.3, seed=0,
+                           return_latents=True)
+    rows = [p for p in ps for _ in range(M)]
+    noisy = generate_from_prompts(model, rows, pixels.repeat_interleave(M, dim=0), cfg, questions=[0] * M + [1] * M)
+    assert not any(m.training for m in model.modules())
+    for i in range(2):  # slot 0 reads the same state in every trajectory of a question: only dropout moves it
+        first = [noisy[i * M + m].latents[0].vector for m in range(M)]
+        assert all(not torch.equal(first[0], x) for x in first[1:])
+    alone = generate_from_prompts(model, rows[:M], pixels[:1].repeat_interleave(M, dim=0), cfg, questions=[0] * M)
+    for a, b in zip(alone, noisy[:M]):  # the same trajectory with or without another question in the batch
+        assert all(torch.allclose(x.vector, y.vector, atol=1e-6) for x, y in zip(a.latents, b.latents))
+    extract = lambda i, t: t[:2]  # noqa: E731
+    for i, g in enumerate(generate_voted(model, ps, pixels, cfg, extract=extract)):
+        assert g.votes == Counter(extract(i, t.text) for t in noisy[i * M : (i + 1) * M]) and sum(g.votes.values()) == M
+    with pytest.raises(ValueError, match="thought mode only"):
+        generate_from_prompts(latent_model("sketch", "sequential"), ps, pixels, cfg)

@@ -78,9 +78,9 @@ def test_noise_keeps_each_norm_and_swap_needs_two_questions():
     out = NoiseLatents(torch.Generator().manual_seed(0))(torch.arange(5), torch.zeros(5), torch.arange(5), v)
     torch.testing.assert_close(out.norm(dim=-1), v.norm(dim=-1))
     assert (torch.nn.functional.cosine_similarity(out, v) < 0.9).all()
-    assert swap_donors(3) == [1, 2, 0]
-    with pytest.raises(ValueError, match="at least two questions"):
-        swap_donors(1)
+    assert swap_donors([0, 1, 2]) == [1, 2, 0]
+    with pytest.raises(ValueError, match="at least two different questions in a batch, got 1"):
+        swap_donors([0])
     replay = ReplayLatents([{(0, 0): torch.ones(2), (0, 1): 2 * torch.ones(2)}, {}], donors=[1, 0])
     got = replay(torch.tensor([1, 1, 0]), torch.tensor([0, 0, 0]), torch.tensor([1, 5, 0]), torch.zeros(3, 2))
     assert got.tolist() == [[2.0, 2.0], [2.0, 2.0], [0.0, 0.0]]  # the donor's slot; past its end its last; none: zeros
@@ -97,3 +97,32 @@ def test_trigger_rate_counts_answers_that_entered_a_block(model):
     results = summarize(data, records)
     assert results["trigger_rate"] == 0.5
     assert results["positions_per_answer"] == sum(g.positions for g in generated) / 4
+
+
+def test_swap_donors_are_always_other_questions():
+    """Trajectories of one question sit in a row (test-time scaling): each row's donor is the row of the same
+    trajectory of the next question, never a trajectory of its own question; one question has no donor."""
+    assert swap_donors([0, 0, 0, 1, 1, 1, 2, 2, 2]) == [3, 4, 5, 6, 7, 8, 0, 1, 2]
+    assert swap_donors([0, 0, 1, 1]) == [2, 3, 0, 1]
+    with pytest.raises(ValueError, match="at least two different questions in a batch, got 1"):
+        swap_donors([0, 0, 0])
+
+
+def test_swap_with_trajectories_feeds_another_questions_latents(tiny_model):
+    """Each prompt twice in a row (M = 2, as `generate_voted` lays them out): every slot a row is fed is the
+    untouched latent of a row of another question."""
+    model = tiny_model
+    prompts, pixels = forced_prompts(model)
+    prompts, pixels, M = prompts[:3], pixels[:3], 2
+    rows = [p for p in prompts for _ in range(M)]
+    rows_pixels = pixels.repeat_interleave(M, dim=0)
+    questions = [i for i in range(len(prompts)) for _ in range(M)]
+    cfg = GenerationConfig(max_new_tokens=5, return_latents=True)
+    untouched = generate_from_prompts(model, rows, rows_pixels, cfg, questions=questions)
+    swapped = generate_from_prompts(model, rows, rows_pixels, GenerationConfig(
+        max_new_tokens=5, return_latents=True, latent_intervention="swap"), questions=questions)
+    for r, g in enumerate(swapped):
+        donor = swap_donors(questions)[r]
+        assert questions[donor] != questions[r]
+        theirs = {(x.block, x.slot): x.vector for x in untouched[donor].latents}
+        assert g.latents and all(torch.equal(x.vector, theirs[(x.block, x.slot)]) for x in g.latents)

@@ -1,21 +1,25 @@
-"""`make demo`: the whole pipeline on the tiny default, on CPU, with no network, and what it shows.
+"""`make demo`: the whole pipeline on the tiny default, on CPU, with no network, and a fair test of what it shows.
 
-1. synthetic shards: a training split of distinct samples (every step sees new ones), a validation split for
-   the learning curves, and a held-out test split used for the final numbers only;
-2. stage 1 (SFT teacher), stage 2 (latent distillation), stage 3 (latent only), each from the previous
+1. synthetic shards per seed: a training split of distinct samples (no run repeats one), a validation split
+   for the curves, a held-out test split (walks of the trained lengths) and a longer-walk split (walks longer
+   than any trained), both used for the final numbers only;
+2. stage 1 (SFT teacher) -> stage 2 (latent distillation) -> stage 3 (latent only), each from the previous
    checkpoint, through `mmlatent fit` with the tiny recipes shipped in the package (`mmlatent/recipes/tiny`);
-3. two baselines, each with as many optimiser steps as stages 1-3 together: direct answers, and a
-   chain of thought in text trained without aux images (what it must write at test time);
-4. evaluation on the test split through `mmlatent eval`'s runner (`synthetic` task): direct, CoT
-   and latent (stage 3, which opens its latent blocks itself), each accuracy with a Wilson
-   95% interval; the latent model again under each intervention (latent inputs zeroed, replaced by noise of
-   their norm, swapped with another question's), its trigger rate, and where its thoughts look
-   (`selection_on_path`);
-5. `curves.png` (loss and validation accuracies against step for every stage), `latent_block.png` (a test
-   question the latent model answers correctly), and the stage-3 model exported and loaded back.
-It prints a table and writes `OUT/results.json`. A stage whose checkpoint exists is skipped, so a re-run
-continues where it stopped (delete OUT to start afresh). Every setting is in `DemoConfig`; nothing is tuned
-on the test split.
+3. two baselines, each with as many optimiser steps as stages 1-3 together: direct answers, and a chain of
+   thought in text trained without aux images (what it must write at test time);
+4. every mode trained on the same information: with the region labels (the cell each step is about) the
+   latent blocks get the selection loss and the baselines the attention loss at the tokens that read a cell
+   (`DemoConfig.regions`); `--ablation regions` also trains every mode without them;
+5. evaluation through `mmlatent eval`'s runner on both splits: accuracy with a Wilson 95% interval and per
+   hop count, positions, trigger rate (`demo_eval.py`); beside them the majority-colour heuristic and chance;
+   the latent model's interventions (zeroed, noise, swapped latents), its thoughts' selection (strict and
+   lenient) and its blocks ended by the model against ended at the trained length; the CoT baseline's
+   intervention (the colour word it read replaced);
+6. `curves.png`, `latent_block.png`, the stage-3 model exported and loaded back, `results.json`.
+`--seeds N` repeats it all for N seeds (data and initialisation) and reports the mean and range per mode. A
+run whose checkpoint holds all its steps is skipped (one stopped part-way resumes from it), and so is the evaluation of a variant none of whose runs retrained
+(its `results.json`), so a re-run continues where it stopped (delete OUT to start afresh).
+Every setting is in `DemoConfig`; nothing is decided on a test split.
 """
 
 from __future__ import annotations
@@ -25,18 +29,24 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
 import torch
 import yaml
 
-from mmlatent.data.synthetic import SynthConfig, TaskMix, synthesize
+from mmlatent.atomic import write_text
+from mmlatent.data.shard_writer import write_shards
+from mmlatent.data.synthetic import SynthConfig, TaskMix, generate_split, synthesize
 from mmlatent.data.synthetic_tokenizer import build_synthetic_tokenizer
+from mmlatent.demo_eval import checkpoint
 
 STAGES = ("stage1", "stage2", "stage3", "direct", "cot")
 BASELINES = ("direct", "cot")
+LATENT_STAGES = ("stage1", "stage2", "stage3")
+VARIANTS = {"regions": True, "no_regions": False}
+"""Variant folder -> whether its runs learn from the region labels."""
 
 
 def recipe(name: str) -> Path:
@@ -56,31 +66,49 @@ class DemoConfig:
         task_mix=TaskMix(chase=0.0, walk=1.0), hops=(1, 2), moves="colours", option_order="palette",
     ))
     """The task: colour-move walks from a named cell on a 3x3 grid (see `mmlatent.data.synthetic`)."""
-    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 400, "stage2": 100, "stage3": 450})
+    longer_hops: tuple[int, int] = (3, 4)
+    """Moves of the longer-walk split: longer than any trained walk."""
+    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 300, "stage2": 100, "stage3": 300})
     """Optimiser steps of stages 1-3; each baseline (direct, CoT) gets their sum."""
     batch_size: int = 32
     """Samples per step in every stage."""
     val: int = 128
     """Validation samples (learning curves; `val_every` steps)."""
     test: int = 500
-    """Held-out test questions (the final numbers)."""
+    """Held-out test questions of the trained walk lengths (the final numbers)."""
+    longer: int = 300
+    """Held-out questions of the longer walks (`longer_hops`)."""
     val_every: int = 100
     """Steps between validation passes."""
-    seed: int = 0
-    """Data and training seed."""
+    seed: int = 1
+    """Data and training seed of the first run (`--seeds N` runs seed .. seed + N - 1). No decision was made
+    on a test split of these seeds."""
+    regions: bool = True
+    """The headline runs learn from the region labels: the latent blocks' selection loss, the baselines'
+    attention loss. `--ablation regions` also runs every mode without them."""
 
     @property
     def train(self) -> int:
         """Distinct training samples: enough that no run repeats one (the baselines run the longest)."""
         return sum(self.steps.values()) * self.batch_size
 
+    @property
+    def longer_synth(self) -> SynthConfig:
+        return replace(self.synth, hops=tuple(self.longer_hops))
 
-def stage_config(name: str, out: Path, data: Path, demo: DemoConfig) -> Path:
-    """The tiny recipe of a stage with every path pointed into `out` and the demo's steps (written beside
-    the run, as a record of what ran)."""
+
+def run_steps(name: str, demo: DemoConfig) -> int:
+    """Optimiser steps of run `name`: a stage's own, a baseline the sum of the stages'."""
+    return sum(demo.steps.values()) if name in BASELINES else demo.steps[name]
+
+
+def stage_config(name: str, out: Path, data: Path, demo: DemoConfig, regions: bool = True) -> Path:
+    """The tiny recipe of a run with every path pointed into `out`, the demo's steps and seed, and its
+    grounding weights off when it must learn without the region labels (written beside the run, as a record
+    of what ran)."""
     cfg = yaml.safe_load(recipe(name).read_text())
     run_dir = out / name
-    steps = sum(demo.steps.values()) if name in BASELINES else demo.steps[name]
+    steps = run_steps(name, demo)
     trainer = cfg["trainer"]
     trainer.update(default_root_dir=str(run_dir), max_steps=steps, max_epochs=None,
                    val_check_interval=demo.val_every, check_val_every_n_epoch=None)
@@ -97,6 +125,11 @@ def stage_config(name: str, out: Path, data: Path, demo: DemoConfig) -> Path:
         model["init_from"] = ckpt
         if "teacher" in model["stage"]:  # a stage that aligns to its predecessor
             model["stage"]["teacher"] = {"checkpoint": ckpt, "cache": None}
+    if not regions:
+        grounding = model["stage"].setdefault("grounding", {})
+        for weight in ("selection_weight", "attention_weight"):
+            if weight in grounding:
+                grounding[weight] = 0.0
     cfg["seed_everything"] = demo.seed
     cfg["data"].update(batch_size=demo.batch_size, seed=demo.seed)
     cfg["data"]["train"]["shards"] = str(data / "train")
@@ -107,25 +140,29 @@ def stage_config(name: str, out: Path, data: Path, demo: DemoConfig) -> Path:
     return path
 
 
-def checkpoint(out: Path, name: str) -> Path:
-    return out / name / "checkpoints" / "last.ckpt"
-
-
 def trained_steps(out: Path, name: str) -> int:
     return int(torch.load(checkpoint(out, name), map_location="cpu", weights_only=True)["global_step"])
 
 
-def train(name: str, out: Path, data: Path, demo: DemoConfig, step: str) -> None:
+def train(name: str, out: Path, data: Path, demo: DemoConfig, regions: bool, step: str) -> float:
+    """Train one run unless its checkpoint exists; returns the minutes it took (0 when skipped)."""
     from mmlatent.cli import main as cli_main
 
     ckpt = checkpoint(out, name)
+    resume = []
     if ckpt.exists():
-        print(f"{step} {name}: {ckpt} exists, skipped")
-        return
+        done = trained_steps(out, name)
+        if done >= run_steps(name, demo):
+            print(f"{step} {name}: {ckpt} exists, skipped")
+            return 0.0
+        print(f"{step} {name}: {ckpt} stopped at step {done}, resumed")  # a run killed part-way
+        resume = ["--ckpt_path", str(ckpt)]
     print(f"{step} {name} -> {ckpt}")
-    code = cli_main(["fit", "-c", str(stage_config(name, out, data, demo))])
+    t0 = time.perf_counter()
+    code = cli_main(["fit", "-c", str(stage_config(name, out, data, demo, regions)), *resume])
     if code:
         raise SystemExit(f"mmlatent fit {name} failed (exit {code})")
+    return (time.perf_counter() - t0) / 60
 
 
 def metrics_csv(out: Path, name: str) -> Path:
@@ -136,121 +173,112 @@ def metrics_csv(out: Path, name: str) -> Path:
     return versions[-1]
 
 
-def evaluate_mode(ckpt: Path, data, latent: bool, max_new_tokens: int, intervention: str = "none",
-                  return_latents: bool = False, batch_size: int = 50):
-    """(summary, records, generated) of a checkpoint on the test questions."""
-    from mmlatent.evaluation.runner import EvalConfig, generate_responses, score, summarize
-    from mmlatent.training.checkpoint_reader import load_model
-
-    model = load_model(ckpt)
-    torch.manual_seed(0)  # the noise intervention draws from torch's generator
-    cfg = EvalConfig(batch_size=batch_size, latent=latent, max_new_tokens=max_new_tokens,
-                     latent_intervention=intervention, progress=False)
-    t0 = time.perf_counter()
-    generated = generate_responses(model, data, data.questions, cfg, return_latents=return_latents)
-    seconds = time.perf_counter() - t0
-    records = score(data.questions, [g.text for g in generated], generated)
-    results = summarize(data, records)
-    summary = {
-        "accuracy": results["acc"], "accuracy_ci95": results["acc_ci95"],
-        "tokens_per_answer": results["positions_per_answer"], "seconds_per_question": seconds / len(records),
-        "questions": len(records), "unparsed": results["unparsed"], "trigger_rate": results["trigger_rate"],
-        "checkpoint": str(ckpt),
-    }
-    return summary, records, generated, model
+def write_data(data: Path, demo: DemoConfig) -> None:
+    """The seed's shards: train, val and test of the trained walks (`synthesize`), and `longer/` of the longer
+    walks (its own split name, so its grids are not the test split's)."""
+    file = data / "manifest.json"
+    if not file.exists():
+        synthesize(data, demo.synth, train=demo.train, val=demo.val, test=demo.test, seed=demo.seed, samples_per_shard=1000)
+    manifest = json.loads(file.read_text())
+    if "longer" in manifest["splits"]:
+        return
+    for stale in (data / "longer").glob("shard-*.tar"):  # an unfinished earlier write
+        stale.unlink()
+    stats = write_shards(generate_split(demo.longer_synth, demo.seed, "longer", demo.longer), data / "longer",
+                         samples_per_shard=1000, desc="synth longer", total=demo.longer)
+    # listed in the set's manifest like the other splits, so loaders trust the folder as whole
+    manifest["splits"]["longer"] = {"written": stats.written, "skipped": dict(sorted(stats.skipped.items())),
+                                    "shards": [Path(s).relative_to(data).as_posix() for s in stats.shards],
+                                    "generator": dataclasses.asdict(demo.longer_synth)}
+    write_text(file, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/demo", help="folder for shards, checkpoints and results")
-    ap.add_argument("--stage1-steps", type=int, default=None, help="optimiser steps of stage 1 (default: DemoConfig)")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    demo = DemoConfig()
-    if args.stage1_steps is not None:
-        demo.steps["stage1"] = args.stage1_steps
-    out = Path(args.out)
+def run_seed(out: Path, demo: DemoConfig, variants: list[str]) -> dict:
+    """Data, training and evaluation of one seed, for each variant; the results of each."""
+    from mmlatent.demo_eval import evaluate_variant
+
     data = out / "data"
-    start = time.perf_counter()
-    if not (data / "manifest.json").exists():
-        print(f"[1/8] writing synthetic shards to {data}")
-        synthesize(data, demo.synth, train=demo.train, val=demo.val, test=demo.test, seed=demo.seed,
-                   samples_per_shard=1000)
+    print(f"[seed {demo.seed}] synthetic shards in {data}")
+    write_data(data, demo)
     build_synthetic_tokenizer()
-    for i, name in enumerate(STAGES):
-        train(name, out, data, demo, f"[{2 + i}/8]")
-    print("[7/8] evaluation on the held-out test split")
-    results = evaluate_all(out, data, demo)
-    print("[8/8] curves, picture, export")
-    finish(out, data, demo, results, start)
-
-
-def evaluate_all(out: Path, data: Path, demo: DemoConfig) -> dict:
-    from mmlatent.evaluation.selection import selection_on_path
-    from mmlatent.evaluation.tasks import load_eval_data
-
-    test = load_eval_data("synthetic", str(data / "test"))
     results: dict = {}
-    results["direct"], *_ = evaluate_mode(checkpoint(out, "direct"), test, latent=False, max_new_tokens=16)
-    results["cot"], *_ = evaluate_mode(checkpoint(out, "cot"), test, latent=False, max_new_tokens=160)
-    results["latent"], records, generated, model = evaluate_mode(
-        checkpoint(out, "stage3"), test, latent=True, max_new_tokens=160, return_latents=True)
-    results["interventions"] = {}
-    for kind in ("zero", "noise", "swap"):
-        summary, *_ = evaluate_mode(checkpoint(out, "stage3"), test, latent=True, max_new_tokens=160, intervention=kind)
-        summary["delta"] = summary["accuracy"] - results["latent"]["accuracy"]
-        results["interventions"][kind] = summary
-    grid = demo.synth.grid_size
-    answers = [([r.relevance for r in g.latents or []], q.fields.get("path", [])) for q, g in zip(test.questions, generated)]
-    results["latent"].update(selection_on_path(answers, model.backbone.token_grid, grid))
-    results["picture_question"] = draw_correct_answer(out, test, records, generated, model, demo)
+    for variant in variants:
+        runs = out / variant
+        minutes = {}
+        for i, name in enumerate(STAGES):
+            minutes[name] = round(train(name, runs, data, demo, VARIANTS[variant], f"[seed {demo.seed}, {variant}, {i + 1}/5]"), 2)
+        done = runs / "results.json"  # a re-run (e.g. the seeds gathered after parallel runs) reads it
+        if done.exists() and not any(minutes.values()):
+            print(f"[seed {demo.seed}, {variant}] {done} exists, evaluation skipped")
+            results[variant] = json.loads(done.read_text())
+            continue
+        print(f"[seed {demo.seed}, {variant}] evaluation on the held-out splits")
+        t0 = time.perf_counter()
+        results[variant] = evaluate_variant(runs, data, demo)
+        minutes["evaluation"] = round((time.perf_counter() - t0) / 60, 2)
+        results[variant]["minutes"] = minutes
+        results[variant]["steps"] = {s: trained_steps(runs, s) for s in STAGES}
+        done.write_text(json.dumps(results[variant], indent=2))
     return results
 
 
-def draw_correct_answer(out: Path, test, records, generated, model, demo: DemoConfig) -> str | None:
-    """`latent_block.png`: the first test question the latent model answers correctly (with its thoughts)."""
-    from mmlatent.visualize import visualize_answer
+def main(argv: list[str] | None = None, demo: DemoConfig | None = None) -> None:
+    """The command line; `demo` replaces the default `DemoConfig` (the tests run it at a tiny size)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/demo", help="folder for shards, checkpoints and results")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds to run (data and initialisation), from the first seed")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="first seed (default: DemoConfig.seed; seed 0 is the development seed decisions were made on)")
+    ap.add_argument("--ablation", choices=["regions"], default=None,
+                    help="regions: also train and evaluate every mode without the region labels")
+    ap.add_argument("--stage1-steps", type=int, default=None, help="optimiser steps of stage 1 (default: DemoConfig)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    demo = demo or DemoConfig()
+    if args.stage1_steps is not None:
+        demo.steps["stage1"] = args.stage1_steps
+    if args.seed is not None:
+        demo.seed = args.seed
+    headline = "regions" if demo.regions else "no_regions"
+    variants = [headline] + ([v for v in VARIANTS if v != headline] if args.ablation == "regions" else [])
+    out = Path(args.out)
+    start = time.perf_counter()
+    seeds = {}
+    for k in range(args.seeds):
+        seed_demo = replace(demo, seed=demo.seed + k, steps=dict(demo.steps))
+        seeds[seed_demo.seed] = run_seed(out / f"seed{seed_demo.seed}", seed_demo, variants)
+    finish(out, demo, seeds, variants, start)
 
-    for q, r, g in zip(test.questions, records, generated):
-        if r["correct"] and g.latents and any(x.relevance is not None for x in g.latents):
-            image = test.images(q)[0]
-            visualize_answer(image, g.latents, model.backbone.token_grid, out / "latent_block.png",
-                             title=f"{q.id}: answered {r['prediction']} (right)", path=[tuple(p) for p in q.fields["path"]],
-                             cells=demo.synth.grid_size)
-            return q.id
-    return None
 
-
-def finish(out: Path, data: Path, demo: DemoConfig, results: dict, start: float) -> None:
+def finish(out: Path, demo: DemoConfig, seeds: dict, variants: list[str], start: float) -> None:
+    """Curves, picture and export from the first seed's headline runs; results.json; the printed tables."""
+    from mmlatent.demo_eval import across_seeds, print_tables
     from mmlatent.evaluation.curves import plot_curves
     from mmlatent.hub.export import export_checkpoint
     from mmlatent.model.latent_vlm import LatentVLM
 
-    plot_curves({name: metrics_csv(out, name) for name in STAGES}, out / "curves.png", chance=1 / demo.synth.num_choices)
-    folder = export_checkpoint(checkpoint(out, "stage3"), out / "export",
-                               stage_configs=[out / s / f"{s}.yaml" for s in ("stage1", "stage2", "stage3")],
-                               overwrite=True)
+    first = out / f"seed{demo.seed}" / variants[0]
+    plot_curves({name: metrics_csv(first, name) for name in STAGES}, out / "curves.png", chance=1 / demo.synth.num_choices)
+    folder = export_checkpoint(checkpoint(first, "stage3"), out / "export",
+                               stage_configs=[first / s / f"{s}.yaml" for s in LATENT_STAGES], overwrite=True)
     LatentVLM.from_pretrained(folder)
-    results["config"] = {
-        "synthetic": {**json.loads((data / "manifest.json").read_text())["generator"],
-                      "train": demo.train, "val": demo.val, "test": demo.test},
-        "steps": {s: trained_steps(out, s) for s in STAGES},
-        "demo": {k: v for k, v in dataclasses.asdict(demo).items() if k != "synth"},
-        "configs": {s: str(out / s / f"{s}.yaml") for s in STAGES},
-        "export": str(folder),
-        "minutes": round((time.perf_counter() - start) / 60, 1),
+    picture = first / "latent_block.png"
+    if picture.exists():
+        picture.replace(out / "latent_block.png")
+    results = {
+        "seeds": {str(s): r for s, r in seeds.items()},
+        "summary": across_seeds(seeds, variants),
+        "config": {
+            "synthetic": {**dataclasses.asdict(demo.synth), "train": demo.train, "val": demo.val, "test": demo.test,
+                          "longer": demo.longer, "longer_hops": list(demo.longer_hops)},
+            "demo": {k: v for k, v in dataclasses.asdict(demo).items() if k != "synth"},
+            "variants": variants,
+            "export": str(folder),
+            "minutes": round((time.perf_counter() - start) / 60, 1),
+        },
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'mode':16} {'accuracy':>9} {'95% interval':>15} {'positions/answer':>17} {'s/question':>11}")
-    rows = [(m, results[m]) for m in ("direct", "cot", "latent")]
-    rows += [(f"latent, {k}", v) for k, v in results["interventions"].items()]
-    for mode, r in rows:
-        lo, hi = r["accuracy_ci95"]
-        print(f"{mode:16} {r['accuracy']:9.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} {r['tokens_per_answer']:17.1f} "
-              f"{r['seconds_per_question']:11.4f}")
-    lat = results["latent"]
-    print(f"\nlatent trigger rate {lat['trigger_rate']:.3f}; thoughts on the question's path "
-          f"{lat['selection_on_path']} (chance {lat['chance']})")
+    print_tables(results)
     print(f"results: {out / 'results.json'}   curves: {out / 'curves.png'}   picture: {out / 'latent_block.png'}   "
           f"export: {folder}   ({results['config']['minutes']} min)")
 

@@ -6,6 +6,7 @@ Everything is built under pytest's tmp folders; nothing is downloaded.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch  # noqa: F401  (first import here: see below)
@@ -44,6 +45,19 @@ def read_samples(out: Path) -> dict[str, dict]:
                 data = tf.extractfile(m).read()
                 samples.setdefault(key, {})[suffix] = json.loads(data) if suffix == "json" else data
     return samples
+
+
+@contextmanager
+def one_thread():
+    """torch on one intra-op thread inside: tiny models train faster so, most of all on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def latent_block(model, n: int) -> list[int]:

@@ -27,3 +27,36 @@ def test_each_run_gets_its_steps_data_and_predecessor(tmp_path):
     cot = cfgs["cot"]["model"]
     assert cot["stage"]["name"] == "stage1" and cot["stage"]["aux_dropout"] == 1.0 and "init_from" not in cot
     assert cfgs["stage1"]["model"]["stage"]["aux_dropout"] == 0.0
+
+
+def test_without_regions_every_run_loses_its_grounding_weights(tmp_path):
+    """`regions=False` (the `--ablation regions` runs) turns off the one place each mode learns from the region
+    labels: the selection loss of stages 1-3 and the attention loss of the baselines; nothing else changes."""
+    demo = DemoConfig()
+    for name in STAGES:
+        with_regions = yaml.safe_load(stage_config(name, tmp_path / "a", tmp_path / "data", demo).read_text())
+        without = yaml.safe_load(stage_config(name, tmp_path / "b", tmp_path / "data", demo, regions=False).read_text())
+        grounding = with_regions["model"]["stage"]["grounding"]
+        weight = "attention_weight" if name in BASELINES else "selection_weight"
+        assert grounding[weight] > 0, name
+        assert without["model"]["stage"]["grounding"] == {**grounding, weight: 0.0}, name
+        assert without["data"] == with_regions["data"] and without["model"]["optim"] == with_regions["model"]["optim"]
+
+
+def test_a_run_stopped_part_way_resumes_and_a_finished_one_is_skipped(tmp_path, monkeypatch):
+    """A killed run leaves a partial last.ckpt (written every 100 steps): a re-run resumes it, never scores it."""
+    import torch
+
+    import mmlatent.cli
+    from mmlatent.demo import train
+
+    demo = DemoConfig()
+    calls = []
+    monkeypatch.setattr(mmlatent.cli, "main", lambda argv: calls.append(argv) or 0)
+    ckpt = checkpoint(tmp_path, "stage3")
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"global_step": demo.steps["stage3"] - 100}, ckpt)
+    train("stage3", tmp_path, tmp_path / "data", demo, True, "[test]")
+    assert calls[-1][-2:] == ["--ckpt_path", str(ckpt)]
+    torch.save({"global_step": demo.steps["stage3"]}, ckpt)
+    assert train("stage3", tmp_path, tmp_path / "data", demo, True, "[test]") == 0.0 and len(calls) == 1

@@ -48,8 +48,9 @@ class ProcessedSample:
     """(n, 3) rows [image_start, image_end, visible_until): image tokens only the queries in
     [image_start, visible_until) may see (stage 2: an aux image is visible to its own latent block only)."""
     anchors: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    """(N_anc,) inline layout: the position of the token right before each aux image that has a region,
-    where stage 1's selection grounding asks where that image comes from."""
+    """(N_anc,) positions of the tokens that read a region the sample names: the token right before each
+    inline aux image, the `<observation>` token where aux images are dropped, the token before a direct
+    answer. Stage 1's and the direct baseline's grounding losses ask there where the region is."""
     anchor_regions: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
     """(N_anc, n_visual) the image tokens inside each anchor's region (as `aux_regions`)."""
     teacher: "ProcessedSample | None" = None
@@ -95,7 +96,7 @@ class Batch:
     """(N_tgt, M) for each target, its sample's image tokens (in sequence order, M the most in a sample)
     inside the region the data says the aux image is about; all False without one."""
     anchors: Tensor = field(default_factory=lambda: torch.zeros(0, 2, dtype=torch.long))
-    """(N_anc, 2) (row, column) of each inline aux image's anchor token (see `ProcessedSample.anchors`)."""
+    """(N_anc, 2) (row, column) of each anchor token (see `ProcessedSample.anchors`)."""
     anchor_regions: Tensor = field(default_factory=lambda: torch.zeros(0, 1, dtype=torch.bool))
     """(N_anc, M) each anchor's region over its sample's image tokens, as `aux_regions`."""
     block_mask: Tensor | None = None

@@ -154,7 +154,7 @@ class Processor:
                    add_anchor) -> None:
         """Emit an assistant turn's content in the layout's form."""
         if lay.reasoning == "answer_only":
-            emit(self.encode_text(lay.answer_template.format(answer=meta["answer"])), True)
+            self._answer(lay, meta, emit, add_anchor)
             return
         k = self.coconut_k(sum(1 for it in content if it["type"] == "text"), lay) if lay.coconut_steps or lay.coconut_growth else 0
         texts_seen = 0
@@ -162,17 +162,21 @@ class Processor:
             emit(self._block(k * lay.coconut_slots_per_step), True)
         last_text = max((i for i, it in enumerate(content) if it["type"] == "text"), default=-1)
         drop_aux = self._drops_aux(lay, key)
+        dropped: list[str] = []  # aux images left out since the last text: their region is read in the next one
         for i, item in enumerate(content):
             if texts_seen < k:  # inside the replaced steps: text and aux images are dropped
                 texts_seen += item["type"] == "text"
                 continue
             if item["type"] == "text":
                 if lay.reasoning != "latent_only" or i == last_text:
-                    emit(self.encode_text(item["text"]), True)
+                    self._text(item["text"], dropped, emit, add_anchor)
+                dropped = []
             elif item["type"] == "image":
                 emit_image(item["ref"])
             elif lay.aux_images == "inline":
-                if not drop_aux:
+                if drop_aux:
+                    dropped.append(item["ref"])
+                else:
                     add_anchor(item["ref"])
                     emit_image(item["ref"])
             elif lay.aux_images == "image_then_latent":
@@ -184,6 +188,32 @@ class Processor:
             elif lay.aux_images == "latent":
                 add_target(item["ref"])
                 emit(self._block(lay.latent_slots), True)
+
+    def _text(self, text: str, dropped: list[str], emit, add_anchor) -> None:
+        """A reasoning text item. Where aux images were dropped before it, each of its observation spans in
+        turn reads one of their regions off the question image: its `<observation>` token is that region's
+        anchor (text-only reasoning, whose grounding is where that token looks)."""
+        tokens = self.encode_text(text)
+        done = 0
+        for ref in dropped:
+            opened = [j for j in range(done, len(tokens)) if tokens[j] == self.ids.observation_open]
+            if not opened:
+                break
+            emit(tokens[done : opened[0] + 1], True)
+            add_anchor(ref)
+            done = opened[0] + 1
+        emit(tokens[done:], True)
+
+    def _answer(self, lay: SequenceLayout, meta: dict, emit, add_anchor) -> None:
+        """The answer-only turn; the token before the answer anchors the sample's `answer` region (the part of
+        the image the answer is read from), when the template's head tokenises on its own."""
+        tokens = self.encode_text(lay.answer_template.format(answer=meta["answer"]))
+        head = self.encode_text(lay.answer_template.split("{answer}")[0].rstrip())
+        if head and tokens[: len(head)] == head:
+            emit(head, True)
+            add_anchor("answer")
+            tokens = tokens[len(head) :]
+        emit(tokens, True)
 
     def render(self, meta: dict, images: dict[str, Image.Image], key: str = "?") -> ProcessedSample:
         """The sample in this processor's layout, with the teacher's view attached when there is one."""
@@ -199,7 +229,7 @@ class Processor:
         targets: list[tuple[int, torch.Tensor, str]] = []  # (block index within the sample, aux image, its ref)
         image_slots: dict[str, int] = {}  # ref -> index of its first token among the sample's image tokens
         spans: list[tuple[int, int, int]] = []  # (image start, image end, visible until): stage-2 mask
-        anchors: list[tuple[int, str]] = []  # (position of the token before an inline aux image, its ref)
+        anchors: list[tuple[int, str]] = []  # (position of a token that reads a region, the region's ref)
         prompt_length = None
 
         def emit(tokens: list[int], label: bool) -> None:
@@ -218,7 +248,7 @@ class Processor:
         def add_target(ref: str) -> None:  # the block about to be emitted stands for this image
             targets.append((ids.count(self.ids.latent_start), self.transform(images[ref]), ref))
 
-        def add_anchor(ref: str) -> None:  # the inline image about to be emitted: ask from the token before it
+        def add_anchor(ref: str) -> None:  # the region `ref` is read from the token emitted last
             if ref in (meta.get("regions") or {}):
                 anchors.append((len(ids) - 1, ref))
 

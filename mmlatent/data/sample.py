@@ -11,7 +11,8 @@ One sample is a chat whose turns interleave text items and image references:
 Each `ref` names a tar member `KEY.<ref>.<ext>` of the same sample. Assistant text may hold
 `<observation>…</observation>` spans (what the reasoning read off an image). An optional
 `"regions": {"aux0": {"image": "img0", "box": [x0, y0, x1, y1]}, …}` says which part of a question image
-(box in [0, 1] image units) an aux image is about; the `selection` grounding loss trains thoughts to look there.
+(box in [0, 1] image units) an aux image is about, and the key `"answer"` which part the answer is read from;
+the grounding losses train thoughts (or the LM's attention) to look there.
 
 `validate_sample` is the single gate used both when shards are written and when they are read. It checks
 structure, not meaning, and raises `SampleError` with a short stable `reason` code so callers can count
@@ -153,13 +154,14 @@ def _check_observations(text: str, role: str, where: str, fail) -> None:
 
 
 def _check_regions(regions: object, messages: list, fail) -> None:
-    """`regions`: {aux ref: {"image": question image ref, "box": [x0, y0, x1, y1]}}, box in [0, 1] image units."""
+    """`regions`: {aux ref or "answer": {"image": question image ref, "box": [x0, y0, x1, y1]}}, box in [0, 1]
+    image units."""
     if not isinstance(regions, dict):
         raise fail("bad_regions", f"'regions' is {type(regions).__name__}, expected an object")
     kinds = {item["ref"]: item["type"] for message in messages for item in message["content"] if item["type"] != "text"}
     for ref, region in regions.items():
-        if kinds.get(ref) != "aux_image":
-            raise fail("bad_regions", f"regions['{ref}']: not an aux_image of the sample")
+        if kinds.get(ref) != "aux_image" and ref != "answer":
+            raise fail("bad_regions", f"regions['{ref}']: not an aux_image of the sample (nor 'answer')")
         if not isinstance(region, dict) or kinds.get(region.get("image")) != "image":
             raise fail("bad_regions", f"regions['{ref}'].image must name a question image of the sample")
         box = region.get("box")

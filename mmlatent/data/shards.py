@@ -172,7 +172,8 @@ def _local_keys(paths: list[str]) -> dict[str, list[str]]:
         def entry(p: str) -> list:  # [size, mtime_ns, keys]
             return cached.get(os.path.basename(p), [])
 
-        missing = [p for p in members if entry(p)[:2] != _stamp(p) or len(entry(p)) != 3]
+        # an entry of the earlier format ([size, mtime_ns, count]) is read again
+        missing = [p for p in members if entry(p)[:2] != _stamp(p) or len(entry(p)) != 3 or not isinstance(entry(p)[2], list)]
         if missing:
             for p, keys in zip(missing, _read_all(missing)):
                 cached[os.path.basename(p)] = [*_stamp(p), keys]

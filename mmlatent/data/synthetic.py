@@ -260,10 +260,11 @@ def build_meta(cfg: SynthConfig, p: Puzzle, key: str) -> dict:
         ],
         "answer": answer,
         "choices": list(p.choices),
-        # which cell of the question image each aux image highlights (the selection grounding loss's target)
+        # which cell of the question image each aux image highlights, and the answer's (the last): the
+        # grounding losses' targets
         "regions": {
-            f"aux{i}": {"image": "img0", "box": [c / g, r / g, (c + 1) / g, (r + 1) / g]}
-            for i, (r, c) in enumerate(p.path)
+            **{f"aux{i}": _cell_region(g, cell) for i, cell in enumerate(p.path)},
+            "answer": _cell_region(g, p.path[-1]),
         },
         "meta": {
             "task": p.task,
@@ -274,6 +275,11 @@ def build_meta(cfg: SynthConfig, p: Puzzle, key: str) -> dict:
             "answer_text": p.choices[p.answer_index],
         },
     }
+
+
+def _cell_region(g: int, cell: tuple[int, int]) -> dict:
+    r, c = cell
+    return {"image": "img0", "box": [c / g, r / g, (c + 1) / g, (r + 1) / g]}
 
 
 def _colour_steps(cfg: SynthConfig, p: Puzzle) -> list[dict]:

@@ -38,6 +38,9 @@ class LMOutput:
     """num_layers + 1 tensors of (B, L, D) (embeddings first), when asked for."""
     cache: Cache | None
     """The KV cache after this forward, when one was passed or `use_cache=True`."""
+    attentions: tuple[Tensor, ...] | None = None
+    """num_layers tensors of (B, heads, S, keys): each layer's attention probabilities, when asked for (the
+    LM must run eager attention, `lm.attn_implementation: eager`; fused kernels do not return them)."""
 
 
 class Backbone(nn.Module):
@@ -101,10 +104,13 @@ class Backbone(nn.Module):
         cache: Cache | None = None,
         output_hidden_states: bool = False,
         logits: bool = True,
+        output_attentions: bool = False,
     ) -> LMOutput:
         """One decoder forward on `inputs_embeds` (B, S, D) with explicit 1D positions (B, S), appending to
-        `cache` when given; the head runs only when `logits`."""
+        `cache` when given; the head runs only when `logits`; `output_attentions` returns every layer's
+        attention probabilities."""
         start = cache.get_seq_length() if cache is not None else 0  # the column of this segment's first input
+        attention_mask = additive_for_eager(attention_mask, inputs_embeds.dtype, self.transformers_model.config)
         with self.running(cache):
             out = self.transformers_model.get_decoder()(
                 inputs_embeds=inputs_embeds,
@@ -113,13 +119,19 @@ class Backbone(nn.Module):
                 cache=cache,
                 use_cache=cache is not None,
                 output_hidden_states=output_hidden_states,
+                **({"output_attentions": True} if output_attentions else {}),
             )
         last = out.last_hidden_state  # (B, S, D)
+        attentions = out.attentions if output_attentions else None
+        if output_attentions and (not attentions or any(a is None for a in attentions)):
+            raise ValueError("output_attentions: the LM returned no attention probabilities; run it with "
+                             "eager attention (model.vlm.lm.attn_implementation: eager)")
         return LMOutput(
             last_hidden=last,
             logits=self.lm_head(last) if logits else None,
             hidden_states=out.hidden_states if output_hidden_states else None,
             cache=getattr(out, "cache", None),
+            attentions=attentions,
         )
 
 
@@ -153,3 +165,12 @@ class ComposedBackbone(Backbone):
     @property
     def transformers_model(self) -> PreTrainedModel:
         return self.lm
+
+
+def additive_for_eager(mask: Tensor | None, dtype: torch.dtype, config) -> Tensor | None:
+    """A (B, 1, Q, K) boolean mask (True: attend) as eager attention needs it. transformers hands a 4D mask to
+    the attention as given; SDPA reads a boolean one, but eager adds the mask to the scores, so a boolean mask
+    would block nothing (not even the future)."""
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or getattr(config, "_attn_implementation", None) != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

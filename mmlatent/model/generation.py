@@ -5,9 +5,11 @@ next position sits in the last column and one single-position LM forward per ste
 the prefix is encoded once. Each sample is in text mode or inside a latent block: when it emits
 `<|latent_start|>`, its next inputs are latent vectors made from its own last hidden state (sketch head
 or LQ-Former), while the other samples keep decoding tokens in the same forward (`torch.where`-style
-row selection). A block ends when the model's most likely next token is `<|latent_end|>` or after the step
-budget (2 × slots by default), or after exactly `slots` steps with `latent.block_end: slots`; then
-`<|latent_end|>` is fed and text resumes. With `latent.schedule: jacobi` a block is decoded whole, as
+row selection). Inside a block the LM says at every slot whether the block goes on or ends (its logit of
+`<|latent_end|>` against that of `<|latent|>`, the two labels every slot is trained on), and the block ends
+there or at the step budget (2 × slots by default), or after exactly `slots` steps with
+`latent.block_end: slots`; then `<|latent_end|>` is fed and the model decides, as it was trained to, whether
+another block opens or text resumes. With `latent.schedule: jacobi` a block is decoded whole, as
 training's Jacobi forward computes it (PCCoT): its `slots` inputs are refined together over
 `jacobi_iterations` passes of the LM over the block (the other rows wait, the block's columns masked out for
 them), then it closes. Training refines all of a sequence's blocks together, generation one block at a time
@@ -264,14 +266,16 @@ def _decode(
                 count = torch.where(starting, torch.full_like(count, budget), count)
                 for i in starting.nonzero().flatten().tolist():
                     new[i] += [ids_.latent] * budget
+        # inside a block the LM was trained to say, at every slot, whether the block goes on (`<|latent|>`) or
+        # ends (`<|latent_end|>`, at its last slot): block_end: model takes that binary decision
+        wants_end = in_latent & (count >= 1) & model_ends_blocks & (logits[:, ids_.latent_end] > logits[:, ids_.latent])
         logits[:, ids_.latent] = float("-inf")  # slots are fed by the loop inside a block, never chosen as text
         logits[:, ids_.latent_end] = logits[:, ids_.latent_end].masked_fill(~in_latent, float("-inf"))  # no block to close
         if not cfg.latent:
             logits[:, ids_.latent_start] = float("-inf")
         tok = next_token(logits, cfg, gen)  # (B,)
-        # a block holds at least one slot; it ends when the model prefers <|latent_end|> (block_end: model)
-        # or at the budget (block_end: slots: always there)
-        wants_end = (logits.argmax(-1) == ids_.latent_end) & (count >= 1) & model_ends_blocks
+        # a block holds at least one slot; it ends when the model says so (block_end: model) or at the budget
+        # (block_end: slots: always there)
         end_block = in_latent & (wants_end | (count >= budget))
         feed_latent = in_latent & ~end_block & ~done
         tok = torch.where(end_block, torch.full_like(tok, ids_.latent_end), tok)

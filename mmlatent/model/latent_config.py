@@ -28,10 +28,12 @@ class LatentConfig:
     step_budget: int | None = None
     """Most latent steps per block when generating; None: 2 × `slots`."""
     block_end: Literal["model", "slots"] = "model"
-    """How a generated block ends. `model`: when the most likely next token is `<|latent_end|>` (at most
-    `step_budget` steps; Monet's way, for blocks of varying length). `slots`: after exactly `slots` steps, the
-    length every block had in training (Coconut's way). The LM is never taught not to close a block early
-    (slot positions have no label), so a model trained on fixed blocks may close them at another length."""
+    """How a generated block ends. Every slot position is labelled in training: the token after it is
+    `<|latent|>` while the block goes on and `<|latent_end|>` after its last slot, and the token after
+    `<|latent_end|>` says whether another block opens. `model`: the block ends at the first slot where the LM
+    scores `<|latent_end|>` above `<|latent|>` (at most `step_budget` steps; Monet's way, for blocks of varying
+    length). `slots`: after exactly `slots` steps, the length every block had in training (Coconut's way),
+    whatever the LM says. Either way the LM itself decides whether another block follows."""
     schedule: Literal["sequential", "jacobi"] = "sequential"
     """`sequential`: one cached single-position LM forward per slot. `jacobi`: all slots at once, refined
     over `jacobi_iterations` passes of the LM over the suffix (the prefix is cached once)."""

@@ -28,6 +28,13 @@ class ProjectorConfig:
     hidden_mult: float = 1.0
     """Hidden width of the `mlp` projector as a multiple of the LM width (1.0 as in LLaVA-1.5).
     Ignored by `linear`."""
+    centre: Literal["none", "image", "batch"] = "none"
+    """Remove the part the output tokens share, which for a random tower is most of each token, so what the
+    LM reads from a token (through attention) is what tells it apart: its content and place. `image`: each
+    image's mean token is subtracted and its tokens scaled to unit RMS (an image's average then carries
+    nothing). `batch`: each feature is standardised over all tokens of the batch (running estimates in
+    evaluation, as batch norm without an affine part), so what differs between images (an image's average
+    colour) stays. A pretrained tower's tokens need neither; real presets leave it `none`."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("mlp", "linear"):
@@ -36,6 +43,8 @@ class ProjectorConfig:
             raise ValueError(f"projector.pixel_shuffle={self.pixel_shuffle}: must be >= 1 (1 disables it)")
         if self.hidden_mult <= 0:
             raise ValueError(f"projector.hidden_mult={self.hidden_mult}: must be > 0")
+        if self.centre not in ("none", "image", "batch"):
+            raise ValueError(f"projector.centre={self.centre!r}: expected 'none', 'image' or 'batch'")
 
 
 def pixel_shuffle(x: Tensor, grid_size: tuple[int, int], scale: int) -> Tensor:
@@ -86,7 +95,14 @@ class Projector(nn.Module):
             self.net = nn.Linear(in_dim, lm_dim)
         else:
             raise ValueError(f"projector.kind={cfg.kind!r}: expected 'mlp' or 'linear'")
+        self.batch_norm = nn.BatchNorm1d(lm_dim, affine=False) if cfg.centre == "batch" else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = pixel_shuffle(x, self.grid_size, self.cfg.pixel_shuffle)  # (N, T/s², s²·D_vision)
-        return self.net(x)  # (N, T/s², D_lm)
+        x = self.net(x)  # (N, T/s², D_lm)
+        if self.cfg.centre == "image":
+            x = x - x.mean(1, keepdim=True)  # (N, T', D_lm): each image's mean token removed
+            x = x / (x.pow(2).mean((1, 2), keepdim=True).sqrt() + 1e-6)  # unit RMS per image
+        elif self.batch_norm is not None and x.shape[0] * x.shape[1] > 1:
+            x = self.batch_norm(x.flatten(0, 1)).view_as(x)  # (N, T', D_lm): each feature standardised
+        return x

@@ -88,11 +88,9 @@ class VisionTowerConfig:
     under `no_grad`."""
     sincos_pos_embed: float | None = None
     """Random init only: set the patch position embeddings to fixed-frequency 2D sin-cos values (as MAE)
-    times this scale, instead of the library's small random ones (still trained). A random tower's tokens
-    are then mostly *where* a patch is as well as *what* it shows: at the library's init, position explains
-    under 1% of a tiny tower's token variance and colour 79%, and a query that must find a cell by position
-    (the LQ-Former's token selection) stays at chance; at scale 3, position explains about half. None keeps
-    the library's init; ignored with pretrained weights, which bring their own."""
+    times this scale, instead of the library's small random ones (still trained), so a random tower's tokens
+    say *where* a patch is as well as *what* it shows, which a query that finds a cell by position needs.
+    None keeps the library's init; ignored with pretrained weights, which bring their own."""
 
     def __post_init__(self) -> None:
         for field_name in ("image_size", "depth", "width", "heads", "patch_size"):

@@ -10,12 +10,15 @@ turns each term on with a weight (`GroundingConfig`); a weight of 0 skips the wo
 - contrastive: InfoNCE between the mean latent vector of each block and the mean target token, across
   the blocks of the batch;
 - selection: the thoughts of a block look at the region of the question image the sample says its aux
-  image is about (thought mode, samples with `regions`).
+  image is about (thought mode, samples with `regions`);
+- attention (stage 1 and the direct baseline, which have no latent blocks): the LM's own attention from
+  each token that reads a region (`Batch.anchors`) falls in that region, the text-only modes' use of the
+  same region labels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -46,6 +49,15 @@ class GroundingConfig:
     """Selection: a block's thoughts look where the sample's `regions` say its aux image is about
     (`losses/selection.py`); needs thought mode (`model.vlm.latent.mode: thought`). In stage 1, whose aux
     images are inline, the selector is asked from the token before each aux image (`anchor_relevance`)."""
+    attention_weight: float = 0.0
+    """Stage 1 and the direct baseline: the LM's own attention from each anchor (a token that reads a region:
+    the `<observation>` token where aux images are dropped, the token before a direct answer, the token before
+    an inline aux image) over the prompt's image tokens is trained to fall in the anchor's region
+    (`anchor_attention`; -log of its share inside, heads and `attention_layers` averaged). It is how modes
+    that reason in text get the region labels the latent blocks' selection loss uses. Needs eager attention
+    (`model.vlm.lm.attn_implementation: eager`)."""
+    attention_layers: list[int] = field(default_factory=lambda: [-1])
+    """LM layers whose attention the attention loss trains (Python indices: -1 is the last)."""
 
     def check(self, model: LatentVLM) -> None:
         """Fail at start, naming the field, when a loss is on but the model lacks its module."""
@@ -55,6 +67,13 @@ class GroundingConfig:
             raise ValueError("stage.grounding.contrastive_weight > 0 needs model.vlm.latent.contrastive: true")
         if self.selection_weight > 0 and model.lq_former is None:
             raise ValueError("stage.grounding.selection_weight > 0 needs thought mode: model.vlm.latent.mode: thought")
+        if self.attention_weight > 0:
+            if model.backbone.transformers_model.config._attn_implementation != "eager":
+                raise ValueError("stage.grounding.attention_weight > 0 needs eager attention: model.vlm.lm.attn_implementation: eager")
+            n = model.backbone.num_layers
+            bad = [i for i in self.attention_layers if not -n <= i < n]
+            if bad or not self.attention_layers:
+                raise ValueError(f"stage.grounding.attention_layers={self.attention_layers}: need layer indices in [-{n}, {n})")
 
     @property
     def any(self) -> bool:
@@ -71,6 +90,20 @@ def anchor_relevance(model: LatentVLM, batch: Batch, embeds: Tensor, last_hidden
     rows, cols = batch.anchors.unbind(-1)  # (N_anc,), (N_anc,)
     tokens, mask = visual.visible(rows, cols + 1)  # (N_anc, M, D), (N_anc, M)
     return model.lq_former.selector.relevance(last_hidden[rows, cols], tokens, mask)
+
+
+def anchor_attention(model: LatentVLM, batch: Batch, embeds: Tensor, attentions: tuple[Tensor, ...], layers: list[int]) -> Tensor:
+    """(N_anc, M) where the LM looks in the prompt's images from each anchor token (`batch.anchors`): its
+    attention probabilities over the prompt's image tokens, averaged over heads and `layers`, renormalised
+    over those tokens.
+
+    embeds (B, L, D) the LM inputs; attentions: per layer (B, H, L, L) probabilities."""
+    visual = model.visual_context(batch.input_ids, embeds, batch.prompt_end)
+    rows, cols = batch.anchors.unbind(-1)  # (N_anc,), (N_anc,)
+    att = torch.stack([attentions[i][rows, :, cols] for i in layers]).mean((0, 2))  # (N_anc, L): layers, heads averaged
+    keys = visual.positions[rows].clamp_max(att.shape[-1] - 1)  # (N_anc, M) the image tokens' columns
+    on_image = torch.gather(att, 1, keys) * visual.valid[rows]  # (N_anc, M)
+    return on_image / on_image.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def block_vectors(input_ids: Tensor, latent_mask: Tensor, latent_vectors: Tensor, latent_start: int, blocks: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,7 @@ from mmlatent.model.backbone import LMOutput
 from mmlatent.model.latent_loop import LatentForward, latent_forward, planned_forwards
 from mmlatent.model.latent_vlm import LatentVLM
 from mmlatent.training.fsdp import busiest_rank, regather_root
-from mmlatent.training.grounding import GroundingConfig, anchor_relevance, grounding_losses
+from mmlatent.training.grounding import GroundingConfig, anchor_attention, anchor_relevance, grounding_losses
 from mmlatent.training.teacher import Positions, TeacherCache, TeacherConfig, gather_states, target_positions, teacher_states
 
 StageName = Literal["stage1", "stage2", "stage3", "direct"]
@@ -59,8 +59,8 @@ class StageConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     """Stages 2 and 3: the teacher's hidden states, from a checkpoint run online or a precomputed cache."""
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
-    """Stages 2 and 3: sketch, diffusion, contrastive and selection losses on latent blocks. Stage 1:
-    selection only, asked before each inline aux image."""
+    """Stages 2 and 3: sketch, diffusion, contrastive and selection losses on latent blocks. Stage 1 and the
+    direct baseline: selection and attention losses, asked at the tokens that read a region (`Batch.anchors`)."""
     reasoning: Literal["full", "latent_only"] = "full"
     """Stage 3: `full` keeps the text of the chain of thought between latent blocks (Monet); `latent_only`
     keeps only the blocks and the conclusion, so generation emits far fewer positions than a text chain."""
@@ -119,10 +119,13 @@ class Stage:
 
 @dataclass
 class AnchoredOutput(LMOutput):
-    """Stage 1's forward with selection grounding: the LM output and the selector's maps at the anchors."""
+    """Stage 1's forward with grounding: the LM output and, at the anchors, the selector's maps and the LM's
+    attention over the prompt's image tokens."""
 
     relevance: Tensor | None = None
-    """(N_anc, M) the selector's relevance over the prompt's image tokens at each anchor."""
+    """(N_anc, M) the selector's relevance over the prompt's image tokens at each anchor (selection loss)."""
+    attention: Tensor | None = None
+    """(N_anc, M) the LM's attention over the prompt's image tokens at each anchor (attention loss)."""
 
 
 class Stage1(Stage):
@@ -138,20 +141,31 @@ class Stage1(Stage):
         )
 
     def forward(self, model: LatentVLM, batch: Batch) -> LMOutput:
-        grounds = self.cfg.grounding.selection_weight > 0 and model.lq_former is not None and batch.anchors.numel() > 0
-        if not grounds:
+        g = self.cfg.grounding
+        anchored = batch.anchors.numel() > 0
+        selects = anchored and g.selection_weight > 0 and model.lq_former is not None
+        attends = anchored and g.attention_weight > 0
+        if not (selects or attends):
             return model(batch.input_ids, batch.lm_attention_mask, batch.position_ids, batch.pixel_values)
         embeds = model.embed_inputs(batch.input_ids, batch.pixel_values)  # (B, L, D): what model(...) computes
-        out = model.backbone.forward_lm(embeds, batch.lm_attention_mask, batch.position_ids)
-        return AnchoredOutput(**vars(out), relevance=anchor_relevance(model, batch, embeds, out.last_hidden))
+        out = model.backbone.forward_lm(embeds, batch.lm_attention_mask, batch.position_ids, output_attentions=attends)
+        return AnchoredOutput(
+            **{**vars(out), "attentions": None},
+            relevance=anchor_relevance(model, batch, embeds, out.last_hidden) if selects else None,
+            attention=anchor_attention(model, batch, embeds, out.attentions, g.attention_layers) if attends else None,
+        )
 
     def losses(self, model: LatentVLM, batch: Batch, out: LMOutput) -> dict[str, Tensor]:
         losses = {"ce_loss": weighted_cross_entropy(out.logits, batch.labels, batch.loss_weights)}
         if isinstance(out, AnchoredOutput):
-            n, M = out.relevance.shape
-            valid = torch.ones(n, 1, dtype=torch.bool, device=out.relevance.device)
-            region = batch.anchor_regions[:, :M]  # (N_anc, M): the prompt's images come first
-            losses["selection_loss"] = self.cfg.grounding.selection_weight * selection_loss(out.relevance[:, None], valid, region)
+            g = self.cfg.grounding
+            for name, maps, weight in (("selection_loss", out.relevance, g.selection_weight),
+                                       ("attention_loss", out.attention, g.attention_weight)):
+                if maps is not None:
+                    n, M = maps.shape
+                    valid = torch.ones(n, 1, dtype=torch.bool, device=maps.device)
+                    region = batch.anchor_regions[:, :M]  # (N_anc, M): the prompt's images come first
+                    losses[name] = weight * selection_loss(maps[:, None], valid, region)
         return losses
 
 
@@ -220,6 +234,9 @@ class _Distillation(Stage):
 
     def __init__(self, cfg: StageConfig):
         super().__init__(cfg)
+        if cfg.grounding.attention_weight > 0:
+            raise ValueError(f"stage.grounding.attention_weight: {cfg.name} grounds its latent blocks (selection_weight); "
+                             f"the attention loss is for stage1 and direct")
         self._teacher: LatentVLM | None = None
         self._cache: TeacherCache | None = None
         t = cfg.teacher

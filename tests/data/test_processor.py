@@ -205,3 +205,31 @@ def test_inline_aux_images_with_regions_get_anchors_at_the_token_before_them(tok
     assert batch.anchor_regions.shape == (1, 3 * T) and batch.anchor_regions[0, 3]
     for layout in (SequenceLayout(aux_images="latent"), SequenceLayout(aux_images="inline", reasoning="answer_only")):
         assert Processor(tok, colour_mean, T, layout, token_grid=(2, 2))(s).anchors.numel() == 0
+
+
+def test_dropped_aux_images_anchor_the_observation_that_reads_their_region(tok):
+    """Text-only reasoning (aux images dropped): the `<observation>` token after each dropped aux image with a
+    region is its anchor; the ids are those of the plain text rendering."""
+    s = aux_sample(2)
+    s["meta"]["regions"] = {"aux0": {"image": "img0", "box": [0.0, 0.0, 0.5, 0.5]},
+                            "aux1": {"image": "img0", "box": [0.5, 0.5, 1.0, 1.0]}}
+    proc = Processor(tok, colour_mean, T, SequenceLayout(aux_images="inline", aux_dropout=1.0), token_grid=(2, 2))
+    out = proc(s)
+    opens = (out.input_ids == proc.ids.observation_open).nonzero().flatten().tolist()
+    assert out.anchors.tolist() == opens and len(opens) == 2
+    assert out.anchor_regions[:, :T].tolist() == [[True, False, False, False], [False, False, False, True]]
+    plain = aux_sample(2)  # the same sample without regions renders the same ids, with no anchor
+    assert torch.equal(proc(plain).input_ids, out.input_ids) and proc(plain).anchors.numel() == 0
+
+
+def test_direct_answer_anchors_the_token_before_the_answer(tok):
+    """Answer-only layout: with an `answer` region, the token before the answer letter is the anchor."""
+    s = sample()
+    s["meta"]["regions"] = {"answer": {"image": "img0", "box": [0.5, 0.0, 1.0, 0.5]}}
+    proc = Processor(tok, colour_mean, T, SequenceLayout(aux_images="drop", reasoning="answer_only"), token_grid=(2, 2))
+    out = proc(s)
+    (anchor,) = out.anchors.tolist()
+    assert tok.decode(out.input_ids[out.prompt_length : anchor + 1]) == "The answer is"
+    assert tok.decode(out.input_ids[anchor + 1 : anchor + 2]).strip() == "A"
+    assert out.anchor_regions[0, :T].tolist() == [False, True, False, False]
+    assert torch.equal(proc(sample()).input_ids, out.input_ids)

@@ -149,6 +149,15 @@ def test_the_counts_cache_keeps_the_keys(tmp_path, monkeypatch):
         shard_sizes(urls)
 
 
+def test_a_counts_cache_of_the_earlier_format_is_read_again(tmp_path):
+    """A cache entry written before keys were kept ([size, mtime_ns, count]) is recounted, not read as keys."""
+    urls = shards(tmp_path / "a", 4, 2)
+    file = shards_module._cache_file(str(tmp_path / "a"))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({Path(u).name: [*shards_module._stamp(u), 2] for u in urls}))
+    assert shard_sizes(urls) == [2, 2]
+
+
 def _count_on_two_ranks(rank: int, port: int, urls: list[str], out: str) -> None:
     """One of two gloo processes: count through `shared`, each rank with a different view of the shards."""
     import torch.distributed as dist

@@ -119,11 +119,12 @@ def test_block_end_slots_runs_every_block_as_trained(tiny_model, monkeypatch):
 
 
 def test_no_latent_forbids_blocks(tiny_model):
-    """With the head steered to <|latent_start|>, `latent=True` opens a block at once and feeds its slots
-    (`entered_latent`, recorded latents); `latent=False` decodes the same prompts without any block."""
+    """With the head steered to <|latent_start|> (and, inside a block, to going on: `<|latent|>` over
+    `<|latent_end|>`), `latent=True` opens a block at once and feeds its slots (`entered_latent`, recorded
+    latents); `latent=False` decodes the same prompts without any block."""
     ids = tiny_model.ids
     ps, pixels = prompts(tiny_model)
-    with steered(tiny_model, [ids.latent_start], 1e4):
+    with steered(tiny_model, [ids.latent_start, ids.latent], 1e4):
         opened = generate_from_prompts(tiny_model, ps, pixels, GenerationConfig(max_new_tokens=6, return_latents=True))
         closed = generate_from_prompts(tiny_model, ps, pixels, GenerationConfig(max_new_tokens=6, latent=False))
     for g in opened:  # the control: the steering does reach the latent path

@@ -1,7 +1,8 @@
 """Latent interventions change a latent model's answers; `none` changes nothing; the trigger is counted.
 
-The prompts end in `<|latent_start|>`, so every answer runs a latent block of the full step budget and the
-interventions have slots to act on (on a random model nothing else makes a block likely).
+The prompts end in `<|latent_start|>` and blocks run their trained length (`block_end: slots`), so every
+answer runs a latent block of the full step budget and the interventions have slots to act on (on a random
+model nothing else makes a block likely, and its own end-of-block decision is a coin toss).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def model(request):
     torch.manual_seed(0)
     cfg = preset("tiny")
     cfg.latent.mode = request.param
+    cfg.latent.block_end, cfg.latent.slots = "slots", 8  # every block runs 8 steps
     return LatentVLM(cfg).eval()
 
 

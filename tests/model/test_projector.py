@@ -70,3 +70,29 @@ def test_wrong_token_count_is_an_error():
     p = Projector(ProjectorConfig(pixel_shuffle=2), vision_dim=4, lm_dim=4, grid_size=(4, 4))
     with pytest.raises(ValueError, match="4x4"):
         p(torch.randn(1, 15, 4))
+
+
+def test_centred_tokens_have_zero_mean_and_unit_rms_per_image():
+    p = Projector(ProjectorConfig(centre="image"), vision_dim=8, lm_dim=16, grid_size=(2, 2))
+    x = torch.randn(3, 4, 8) + 5.0  # a large part shared by every token
+    out = p(x)  # (3, 4, 16)
+    assert out.mean(1).abs().max() < 1e-5
+    assert torch.allclose(out.pow(2).mean((1, 2)), torch.ones(3), atol=1e-4)
+    plain = Projector(ProjectorConfig(), vision_dim=8, lm_dim=16, grid_size=(2, 2))
+    plain.load_state_dict(p.state_dict())
+    ref = plain(x)
+    assert torch.allclose(out, (ref - ref.mean(1, keepdim=True)) / ref.sub(ref.mean(1, keepdim=True)).pow(2).mean((1, 2), keepdim=True).sqrt(), atol=1e-4)
+
+
+def test_batch_centred_tokens_are_standardised_per_feature_and_keep_image_averages():
+    p = Projector(ProjectorConfig(centre="batch"), vision_dim=8, lm_dim=16, grid_size=(2, 2))
+    x = torch.randn(6, 4, 8) + 5.0  # a large part shared by every token
+    out = p.train()(x)  # (6, 4, 16): batch statistics
+    flat = out.flatten(0, 1)
+    assert flat.mean(0).abs().max() < 1e-5 and bool((flat.var(0, unbiased=False) > 0.5).all())  # batch norm's eps aside, 1
+    assert out.mean(1).abs().max() > 0.05  # unlike `image`, an image's average token is kept
+    p.eval()
+    evaluated = p(x[:1])  # one image in evaluation: the running estimates, not its own statistics
+    assert not torch.allclose(evaluated, out[:1], atol=1e-3)
+    with pytest.raises(ValueError, match="projector.centre"):
+        ProjectorConfig(centre="tokens")

@@ -265,3 +265,54 @@ def test_stage1_selection_grounding_asks_before_each_aux_image(synth_dir):
     for module in (model.lq_former.selector.query, model.lq_former.selector.key):
         assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.lm.parameters())
+
+
+def test_attention_grounding_trains_where_the_lm_looks_from_each_reading_token(synth_dir):
+    """With `grounding.attention_weight`, the direct baseline (anchor: the token before the answer) and the
+    text-only CoT (anchors: each `<observation>` token) train the LM's own attention over the prompt's image
+    tokens toward the anchor's region: the maps are the chosen layers' attention, heads averaged, renormalised
+    over those tokens (checked by hand), the loss their -log mass in the region, its gradient reaches the LM.
+    It needs eager attention and is refused by the latent stages."""
+    from mmlatent.model.latent_vlm import LatentVLM
+    from mmlatent.model.presets import preset
+    from mmlatent.training.grounding import GroundingConfig
+    from mmlatent.training.stages import AnchoredOutput
+
+    cfg = preset("tiny-demo")
+    cfg.vision.image_size = 64
+    cfg.lm.attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LatentVLM(cfg)
+    grounding = GroundingConfig(attention_weight=0.5, attention_layers=[-1, 1])
+    for name, extra in (("direct", {}), ("stage1", {"aux_dropout": 1.0})):
+        stage = build_stage(StageConfig(name=name, grounding=grounding, **extra))
+        proc = Processor.for_model(model, stage.layout(model.cfg.latent.slots))
+        urls = sorted(str(p) for p in (synth_dir / "train").glob("*.tar"))
+        batch = next(iter(ShardStream(urls, proc, proc.collate, 4, shuffle_buffer=0, loop=False)))
+        per_sample = 1 if name == "direct" else None
+        assert batch.anchors.shape[0] >= len(batch) and (per_sample is None or batch.anchors.shape[0] == len(batch))
+        read = batch.input_ids[batch.anchors[:, 0], batch.anchors[:, 1] + (name == "stage1")]  # the word read next
+        if name == "stage1":
+            assert bool((batch.input_ids[batch.anchors[:, 0], batch.anchors[:, 1]] == model.ids.observation_open).all())
+        out = stage.forward(model, batch)
+        assert isinstance(out, AnchoredOutput) and out.relevance is None and read.numel()
+        with torch.no_grad():
+            embeds = model.embed_inputs(batch.input_ids, batch.pixel_values)
+            full = model.backbone.forward_lm(embeds, batch.lm_attention_mask, batch.position_ids, output_attentions=True)
+        for a, (row, col) in enumerate(batch.anchors.tolist()):
+            cols = (batch.input_ids[row] == model.ids.image).nonzero().flatten()[: model.tokens_per_image]
+            att = torch.stack([full.attentions[i][row, :, col, cols].mean(0) for i in (-1, 1)]).mean(0)
+            torch.testing.assert_close(out.attention[a], att / att.sum())
+        losses = stage.losses(model, batch, out)
+        region = batch.anchor_regions[:, : model.tokens_per_image]
+        torch.testing.assert_close(losses["attention_loss"], 0.5 * -torch.log((out.attention * region).sum(-1)).mean())
+        model.zero_grad()
+        losses["attention_loss"].backward()
+        assert model.backbone.lm.model.layers[-1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    sdpa_cfg = preset("tiny-demo")
+    sdpa_cfg.lm.attn_implementation = "sdpa"
+    sdpa = LatentVLM(sdpa_cfg)
+    with pytest.raises(ValueError, match="attn_implementation: eager"):
+        grounding.check(sdpa)
+    with pytest.raises(ValueError, match="attention_weight"):
+        build_stage(StageConfig(name="stage3", align_weight=0.0, grounding=grounding))

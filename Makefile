@@ -28,10 +28,11 @@ $(HARNESS_STAMP): $(STAMP)
 test-harness: $(HARNESS_STAMP)
 	$(BIN)/python -m pytest -q -m harness
 
-# Every recipe under train/configs at its real shapes (one step per stage) and FSDP2 on two processes
-# against one: too long for `make test`'s 15 minutes, so CI runs them as a third command.
+# Every recipe under train/configs at its real shapes (one step per stage), FSDP2 on two processes against
+# one, and the demo's several-seed command at a tiny size: too long for `make test`'s 15 minutes, so CI
+# runs them as a third command.
 test-scale: setup
-	$(BIN)/python -m pytest -q -m "recipes or fsdp2"
+	$(BIN)/python -m pytest -q -m "recipes or fsdp2 or demo_seeds"
 
 demo: setup
 	$(BIN)/python -m mmlatent.demo --out runs/demo

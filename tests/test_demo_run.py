@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from mmlatent.demo import STAGES, DemoConfig, checkpoint, main
+from mmlatent.demo import STAGES, DemoConfig, main
+from mmlatent.demo_eval import checkpoint
 
 
-@pytest.mark.slow
+@pytest.mark.demo_seeds  # about 6 minutes: `make test-scale`, not `make test`
 def test_two_seeds_with_and_without_regions_write_every_table(tmp_path, capsys):
     demo = DemoConfig(steps={"stage1": 2, "stage2": 1, "stage3": 1}, batch_size=4, val=4, test=6, longer=4, val_every=1)
     out = tmp_path / "demo"

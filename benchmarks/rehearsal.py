@@ -187,7 +187,7 @@ def generate_check(export: str) -> None:
 def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: float, runtime: int, keep: bool = False) -> dict:
     from mmlatent.data.layout_samples import LayoutConfig, write_layout_shards
     from mmlatent.model.architectures import write_random_model
-    from mmlatent.tokens import synthetic_tokenizer_dir
+    from mmlatent.cache import synthetic_tokenizer_dir
 
     tag = name + (f"-t{layers['text']}" if layers["text"] else "") + (f"-v{layers['vision']}" if layers["vision"] else "")
     cwd = work / tag

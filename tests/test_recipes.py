@@ -70,7 +70,7 @@ def workspace(tmp_path_factory) -> Path:
     from mmlatent.data.synthetic import SynthConfig, synthesize
     from mmlatent.model.architectures import write_random_model
     from mmlatent.model.tokenizer import TokenizerConfig, load_tokenizer
-    from mmlatent.tokens import synthetic_tokenizer_dir
+    from mmlatent.cache import synthetic_tokenizer_dir
 
     root = tmp_path_factory.mktemp("recipes")
     synthesize(root / "data" / "synth", SynthConfig(), train=8, val=4, seed=2, samples_per_shard=4, progress=False)

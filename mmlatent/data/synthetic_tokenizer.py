@@ -1,7 +1,7 @@
 """The tokenizer of the tiny models: a byte-level BPE trained on the synthetic corpus, built once per machine.
 
 It is built with the `tokenizers` library from the synthetic generator's text (every task kind and both
-kinds of moves), saved with `save_pretrained` into `mmlatent.tokens.synthetic_tokenizer_dir`, and from then
+kinds of moves), saved with `save_pretrained` into `mmlatent.cache.synthetic_tokenizer_dir`, and from then
 on loaded through `AutoTokenizer.from_pretrained(folder)`: the same path a Hub id takes. Byte-level BPE keeps
 every string encodable, so a tiny model can still read an MMMU question, just badly. It lives beside the
 synthetic data because it is made from it; the model layer only loads the folder (`TokenizerConfig` with

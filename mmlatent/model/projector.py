@@ -34,7 +34,8 @@ class ProjectorConfig:
     image's mean token is subtracted and its tokens scaled to unit RMS (an image's average then carries
     nothing). `batch`: each feature is standardised over all tokens of the batch (running estimates in
     evaluation, as batch norm without an affine part), so what differs between images (an image's average
-    colour) stays. A pretrained tower's tokens need neither; real presets leave it `none`."""
+    colour) stays; with several processes each rank standardises over its own micro-batch, as BatchNorm does
+    unsynchronised. A pretrained tower's tokens need neither; real presets leave it `none`."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("mlp", "linear"):

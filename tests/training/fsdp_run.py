@@ -101,7 +101,11 @@ def main() -> None:
 
     L.seed_everything(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    module = LatentVLMModule(vlm=preset("tiny-demo"), stage=stage_config(args.stage, args.teacher),
+    vlm = preset("tiny-demo")
+    # `projector.centre: batch` standardises over each rank's own micro-batch (as BatchNorm without a
+    # synchronised variant), so two ranks on halves and one process on the whole batch differ by design.
+    vlm.projector.centre = "none"
+    module = LatentVLMModule(vlm=vlm, stage=stage_config(args.stage, args.teacher),
                              optim=OptimConfig(lr=1e-3, warmup_steps=1, schedule="cosine"), init_from=args.init_from)
     batches = fixed_batches(module, args.data, 2 * GLOBAL_BATCHES)
     fsdp = args.devices > 1

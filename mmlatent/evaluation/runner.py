@@ -176,11 +176,10 @@ def generate_responses(
                         pixels.append(px)
                 # (N_img, 3, H, W): the batch's images in prompt order
                 pixel_values = torch.cat(pixels).to(device) if pixels else torch.zeros(0, 3, 1, 1, device=device)
-                cut = (lambda text: cut_at_stop(text, cfg.stop)) if cfg.stop else (lambda text: text)
-                answers = generate_voted(model, prompts, pixel_values, gen_cfg,
-                                         extract=lambda k, text, chunk=chunk: vote_key(data.task, questions[chunk[k]], cut(text)))
+                answers = generate_voted(model, prompts, pixel_values, gen_cfg, extract=lambda k, text, chunk=chunk:
+                                         vote_key(data.task, questions[chunk[k]], cut_at_stop(text, cfg.stop)))
                 for i, g in zip(chunk, answers):
-                    out[i] = replace(g, text=cut(g.text)) if cfg.stop else g
+                    out[i] = replace(g, text=cut_at_stop(g.text, cfg.stop)) if cfg.stop else g
                 bar.update(len(chunk))
     finally:
         model.train(was_training)

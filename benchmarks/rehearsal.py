@@ -172,7 +172,7 @@ def generate_check(export: str) -> None:
 
     from mmlatent.model.generation import GenerationConfig, generate_from_prompts
     from mmlatent.model.latent_vlm import LatentVLM
-    from mmlatent.tokens import prompt_ids
+    from mmlatent.chat_template import prompt_ids
 
     model = LatentVLM.from_pretrained(export)
     image = Image.new("RGB", (640, 480), "red")

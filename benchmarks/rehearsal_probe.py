@@ -34,6 +34,14 @@ def _bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _checkpointed_layers(module: torch.nn.Module) -> dict[str, int]:
+    """Layers that recompute in the backward: transformers' checkpointing layers whose flag is on, in train mode."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return {"on": sum(bool(m.gradient_checkpointing and m.training) for m in layers), "of": len(layers)}
+
+
 class StepProbe(L.Callback):
     def __init__(self, out: str):
         self.out = Path(out)
@@ -55,6 +63,7 @@ class StepProbe(L.Callback):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         self._hooks.__enter__()
         self._tokens = int(batch.attention_mask.sum())
+        self._checkpointed = _checkpointed_layers(pl_module)
         self._t0 = time.perf_counter()
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
@@ -74,6 +83,7 @@ class StepProbe(L.Callback):
             "gradient_bytes": self._grads,
             "optimizer_bytes": _bytes(v for state in optimizer.state.values() for v in state.values()
                                       if isinstance(v, torch.Tensor)),
+            "checkpointed_layers": self._checkpointed,
             "peak_rss_bytes": _high_water(),
             "peak_cuda_bytes": torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0,
         }

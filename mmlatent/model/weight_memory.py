@@ -7,6 +7,12 @@ loaded model's single-row matrix products (a latent step, a decoding step) resul
 last bits from the same weights in memory PyTorch allocated itself. Copying each tensor once at load
 time makes a loaded model compute exactly what the saved one did, on every CPU family, at the cost of one
 transient copy of the weights.
+
+A view into the file can also be aligned and the only tensor on its storage (transformers 5 gives each
+tensor its own storage over the mapped file), yet it keeps the whole mapping alive: every page the copies
+read stays resident beside them, one more model's worth of host memory for as long as the model lives.
+So a tensor whose memory PyTorch's allocator does not own (a storage that cannot be resized) is copied too,
+and the mapping is released once the last view is gone.
 """
 
 from __future__ import annotations
@@ -19,13 +25,16 @@ ALIGNMENT = 64
 
 
 def own_aligned_memory(module: nn.Module) -> nn.Module:
-    """Copy, in place, every parameter and buffer of `module` that is not `ALIGNMENT`-byte aligned or that
-    shares its storage with other tensors; return `module`. Tied parameters stay tied (one object)."""
+    """Copy, in place, every parameter and buffer of `module` that is not `ALIGNMENT`-byte aligned, that
+    shares its storage with other tensors, or whose memory PyTorch did not allocate (a view of a mapped
+    file); return `module`. Tied parameters stay tied (one object)."""
     tensors = [*module.parameters(), *module.buffers()]
     for t in tensors:
         if t.is_meta:
             continue
-        shared = t.untyped_storage().nbytes() != t.numel() * t.element_size()
-        if t.data_ptr() % ALIGNMENT or shared or not t.is_contiguous():
+        storage = t.untyped_storage()
+        shared = storage.nbytes() != t.numel() * t.element_size()
+        borrowed = not storage.resizable()  # memory PyTorch's allocator does not own: a view of the file
+        if t.data_ptr() % ALIGNMENT or shared or borrowed or not t.is_contiguous():
             t.data = t.data.clone(memory_format=torch.contiguous_format)
     return module

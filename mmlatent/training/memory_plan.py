@@ -22,8 +22,9 @@ and without activation checkpointing (`activation_probe`). The rest is arithmeti
   builds for the head, stage 2's second LM forward and its states of every layer;
 - the runtime: on a CPU the resident memory of this process before any model exists (torch, transformers,
   Lightning loaded); on a GPU `GPU_RUNTIME_GIB` for the CUDA context and the allocator's slack;
-- on a CPU, where the run's host memory is the device's, the start of a stage: the model plus the checkpoint
-  it is initialised from, read before training starts (`init_from`).
+- on a CPU, where the run's host memory is the device's, the start of a stage: loading holds two copies of
+  the weights, the mapped weight files and the model's own copy of them (`weight_memory.py`), or the model
+  and the checkpoint it is initialised from (`init_from`), read before training starts.
 
 The trade-off: no allocator is simulated, so fragmentation and transient buffers of single kernels are
 outside the model; the README compares its predictions with measured peaks.
@@ -440,7 +441,8 @@ class Plan:
     logits: float
     runtime: float
     start: float
-    """At the start of a stage on a CPU: the model and the checkpoint it is initialised from."""
+    """At the start of a stage on a CPU: two copies of the weights (the files and the model, or the model and
+    the checkpoint it is initialised from)."""
 
     @property
     def training(self) -> float:
@@ -506,7 +508,7 @@ def plan_memory(s: Settings, counts: Counts, act: ActivationBytes, device: Devic
         logits += counts.vocab * D * compute  # that the head's backward keeps
     rt = runtime if runtime is not None else runtime_bytes(device)
     start = 0.0
-    if device.kind == "cpu" and s.init_from:
+    if device.kind == "cpu":
         start = rt + 2 * counts.total_bytes + (teacher if s.online_teacher else 0.0)
     return Plan(batch_size=B, tokens=tokens, weights=weights, gathered=gathered, gradients=gradients, optimizer=optimizer,
                 teacher=teacher, activations=activations, logits=logits, runtime=rt, start=start)

@@ -44,6 +44,22 @@ def test_every_loaded_weight_is_aligned_and_owns_its_memory(name, tmp_path):
     for key, t in loaded.state_dict().items():
         assert t.data_ptr() % ALIGNMENT == 0, key
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), key
+        assert t.untyped_storage().resizable(), key  # PyTorch's own memory, not a view of the mapped file
+
+
+def test_an_aligned_view_of_borrowed_memory_is_copied_too():
+    import numpy as np
+
+    block = np.arange(6 * 4 + ALIGNMENT, dtype=np.float32)  # memory PyTorch did not allocate, like a mapped file's
+    skip = (-block.ctypes.data % ALIGNMENT) // 4
+    outside = block[skip:skip + 6 * 4]  # aligned, so only the ownership check can catch it
+    assert outside.ctypes.data % ALIGNMENT == 0
+    lin = torch.nn.Linear(4, 6, bias=False)
+    lin.weight.data = torch.from_numpy(outside).view(6, 4)
+    assert not lin.weight.untyped_storage().resizable()
+    own_aligned_memory(lin)
+    assert lin.weight.untyped_storage().resizable() and lin.weight.data_ptr() != outside.ctypes.data
+    assert torch.equal(lin.weight, torch.from_numpy(outside).view(6, 4))
 
 
 ROUND_TRIP = """

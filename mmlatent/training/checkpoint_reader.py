@@ -19,10 +19,14 @@ import torch
 from mmlatent.config_io import ConfigError, from_dict
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.latent_vlm import LatentVLM
+from mmlatent.model.weight_memory import FilePages
 
 MODEL_PREFIX = "model."
 """Prefix of the `LatentVLM` parameters in the Lightning module's state dict."""
 
+
+INIT_CHUNK_BYTES = 256 * 2**20
+"""How much of a checkpoint `init_weights` copies before releasing the file pages it read."""
 
 READ_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError)
 """What `torch.load` raises on a file that is not a readable checkpoint."""
@@ -91,7 +95,9 @@ def init_weights(model: LatentVLM, path: str | Path) -> list[str]:
 
     Every tensor the checkpoint holds must fit; parameters the checkpoint lacks keep their fresh init (a
     later stage may add an LQ-Former or a diffusion head) and their names are returned so the caller can
-    say so. A shape mismatch or an unknown key is an error naming the tensor.
+    say so. A shape mismatch or an unknown key is an error naming the tensor. The memory-mapped checkpoint
+    is copied in chunks of `INIT_CHUNK_BYTES` whose pages are released after each, so the host holds the
+    model and one chunk, not two models.
     """
     state = model_state(read_checkpoint(path))
     own = model.state_dict()
@@ -101,5 +107,12 @@ def init_weights(model: LatentVLM, path: str | Path) -> list[str]:
     for name, tensor in state.items():
         if own[name].shape != tensor.shape:
             raise ValueError(f"init_from {path}: {name} has shape {tuple(tensor.shape)}, model has {tuple(own[name].shape)}")
-    model.load_state_dict(state, strict=False)
+    pages, chunk, size = FilePages(), {}, 0
+    for i, (name, tensor) in enumerate(state.items(), 1):  # each chunk's file pages go back once copied
+        chunk[name], size = tensor, size + tensor.numel() * tensor.element_size()
+        if size >= INIT_CHUNK_BYTES or i == len(state):
+            model.load_state_dict(chunk, strict=False)
+            for view in chunk.values():
+                pages.release(view)
+            chunk, size = {}, 0
     return sorted(set(own) - set(state))

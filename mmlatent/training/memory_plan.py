@@ -22,9 +22,9 @@ and without activation checkpointing (`activation_probe`). The rest is arithmeti
   builds for the head, stage 2's second LM forward and its states of every layer;
 - the runtime: on a CPU the resident memory of this process before any model exists (torch, transformers,
   Lightning loaded); on a GPU `GPU_RUNTIME_GIB` for the CUDA context and the allocator's slack;
-- on a CPU, where the run's host memory is the device's, the start of a stage: loading holds two copies of
-  the weights, the mapped weight files and the model's own copy of them (`weight_memory.py`), or the model
-  and the checkpoint it is initialised from (`init_from`), read before training starts.
+- on a CPU, where the run's host memory is the device's, the start of a stage: the model while its weights
+  are copied out of the mapped files, or out of the checkpoint it is initialised from (`init_from`), one
+  chunk at a time whose file pages are released after it (`weight_memory.py`).
 
 The trade-off: no allocator is simulated, so fragmentation and transient buffers of single kernels are
 outside the model; the README compares its predictions with measured peaks.
@@ -49,6 +49,7 @@ from mmlatent.config_io import from_dict, to_dict
 from mmlatent.model.config import ModelConfig
 from mmlatent.model.pretrained_source import DTYPES
 from mmlatent.training.acceleration import AccelerationConfig
+from mmlatent.training.checkpoint_reader import INIT_CHUNK_BYTES
 from mmlatent.training.stages import StageConfig
 
 GiB = 1024**3
@@ -441,8 +442,7 @@ class Plan:
     logits: float
     runtime: float
     start: float
-    """At the start of a stage on a CPU: two copies of the weights (the files and the model, or the model and
-    the checkpoint it is initialised from)."""
+    """At the start of a stage on a CPU: the model plus the chunk of its file or checkpoint being copied."""
 
     @property
     def training(self) -> float:
@@ -509,7 +509,7 @@ def plan_memory(s: Settings, counts: Counts, act: ActivationBytes, device: Devic
     rt = runtime if runtime is not None else runtime_bytes(device)
     start = 0.0
     if device.kind == "cpu":
-        start = rt + 2 * counts.total_bytes + (teacher if s.online_teacher else 0.0)
+        start = rt + counts.total_bytes + min(INIT_CHUNK_BYTES, counts.total_bytes) + (teacher if s.online_teacher else 0.0)
     return Plan(batch_size=B, tokens=tokens, weights=weights, gathered=gathered, gradients=gradients, optimizer=optimizer,
                 teacher=teacher, activations=activations, logits=logits, runtime=rt, start=start)
 

@@ -90,3 +90,26 @@ def test_round_trip_is_bit_identical_on_an_alignment_sensitive_blas(tmp_path):
     run = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(tmp_path / "m")], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+
+
+def _resident_file_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_released_file_pages_leave_memory_and_read_back_the_same(tmp_path):
+    from mmlatent.model.weight_memory import FilePages
+
+    want = torch.arange(8 * 2**20, dtype=torch.float32)  # 32 MiB
+    torch.save({"w": want}, tmp_path / "c.pt")
+    mapped = torch.load(tmp_path / "c.pt", mmap=True, weights_only=True)["w"]
+    assert torch.equal(mapped, want)  # every page read: resident
+    before = _resident_file_bytes()
+    FilePages().release(mapped)
+    assert before - _resident_file_bytes() > 24 * 2**20
+    assert torch.equal(mapped, want)  # a released page is read from the file again
+    FilePages().release(want)  # PyTorch's own memory: left alone
+    assert torch.equal(want, torch.arange(8 * 2**20, dtype=torch.float32))

@@ -200,9 +200,12 @@ def test_stage3_latent_only_layout_keeps_blocks_and_conclusion(tiny_model, synth
     assert lean.attention_mask.sum() < full.attention_mask.sum()
 
 
-def test_stage_hand_off_loads_weights_and_freezes_modules(tmp_path):
+def test_stage_hand_off_loads_weights_and_freezes_modules(tmp_path, monkeypatch):
+    from mmlatent.training import checkpoint_reader
     from mmlatent.training.module import LatentVLMModule
     from mmlatent.training.optim import ModuleLR, OptimConfig
+
+    monkeypatch.setattr(checkpoint_reader, "INIT_CHUNK_BYTES", 4096)  # many chunks, each released after its copy
 
     torch.manual_seed(0)
     stage1 = LatentVLMModule()

@@ -172,13 +172,10 @@ def generate_check(export: str) -> None:
 
     from mmlatent.model.generation import GenerationConfig, generate_from_prompts
     from mmlatent.model.latent_vlm import LatentVLM
-    from mmlatent.chat_template import prompt_ids
 
     model = LatentVLM.from_pretrained(export)
-    image = Image.new("RGB", (640, 480), "red")
-    ids = prompt_ids(model.tokenizer, [None, "Which side is the red object on?"], model.tokens_per_image)
-    ids = torch.tensor([*ids, model.ids.latent_start])  # the answer opens a latent block
-    pixels = model.backbone.image_transform(train=False)(image)[None]
+    ids, pixels = model.prompt(Image.new("RGB", (640, 480), "red"), "Which side is the red object on?")
+    ids = torch.cat([ids, torch.tensor([model.ids.latent_start])])  # the answer opens a latent block
     [answer] = generate_from_prompts(model, [ids], pixels, GenerationConfig(max_new_tokens=model.cfg.latent.slots + 4))
     print(json.dumps({"latent_steps": answer.latent_steps, "positions": answer.positions}))
     sys.exit(0 if answer.latent_steps >= 1 else 1)

@@ -250,6 +250,23 @@ class NativeBackbone(Backbone):
                 for module in tower.modules():
                     if isinstance(module, GradientCheckpointingLayer):
                         module.gradient_checkpointing = False
+            self._frozen_tower_needs_no_grad()
+
+    def _frozen_tower_needs_no_grad(self) -> None:
+        """Undo transformers' `enable_input_require_grads` on the vision tower. Checkpointing hooks the input
+        embeddings of every sub-model, the tower's patch embedding included, to make their output require
+        grad; a frozen tower would then keep every block's activations for a backward that changes nothing
+        (3 GiB at Qwen2.5-VL-3B's 32 blocks and two images), with its checkpointing off."""
+        tower_hooks = {id(hook) for tower in self.vision_modules() for module in tower.modules()
+                       for hook in module._forward_hooks.values()}
+        kept = []
+        for handle in getattr(self.vlm, "_require_grads_hooks", []):
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks and id(hooks[handle.id]) in tower_hooks:
+                handle.remove()
+            else:
+                kept.append(handle)
+        self.vlm._require_grads_hooks = kept
 
     def _checkpoint_contexts(self):
         """`torch.utils.checkpoint` context_fn: the recompute sees the cache lengths of the first run."""

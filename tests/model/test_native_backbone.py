@@ -213,6 +213,28 @@ def test_gradient_checkpointing_keeps_the_cached_loop_exact(hub_folders, kind):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("freeze_vision", [True, False])
+def test_checkpointing_keeps_a_frozen_tower_out_of_the_backward(hub_folders, kind, freeze_vision):
+    """transformers' checkpointing makes the output of every sub-model's input embedding require grad, the
+    tower's patch embedding included; a frozen tower must stay out of the graph, or each of its blocks keeps
+    its activations for a backward that changes nothing. A tower that trains stays in it."""
+    from mmlatent.training.acceleration import AccelerationConfig, apply_acceleration
+
+    model = load(hub_folders, kind, "thought", freeze_vision=freeze_vision).train()
+    apply_acceleration(model, AccelerationConfig(gradient_checkpointing=True), trains_with_kv_cache=True)
+    in_graph = []
+    leaves = [m for tower in model.backbone.vision_modules() for m in tower.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(lambda m, i, out: in_graph.append(getattr(out, "requires_grad", False)))
+             for m in leaves]
+    ids, mask, pos, pixels = make_batch(model)
+    latent_forward(model, ids, mask, pos, pixels).logits.sum().backward()
+    for h in hooks:
+        h.remove()
+    assert in_graph and any(in_graph) != freeze_vision
+    assert any(p.grad is not None for p in model.backbone.vlm.get_decoder().parameters())  # the LM still learns
+
+
 # ------------------------------------------------------------------------------------ stages, export, eval
 
 

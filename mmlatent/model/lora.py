@@ -12,6 +12,9 @@ mmlatent's special tokens (image slot, latent block, observation tags) are fresh
 LM could never learn. `train_special_tokens` trains only those rows (peft's trainable tokens, which follow
 the output head when the model ties it to the embeddings) instead of the whole vocabulary matrix.
 
+The adapters and the trained rows are kept in fp32 over a bf16 or fp16 base, as peft's `get_peft_model` does
+by default: AdamW updates of a few 1e-4 vanish in bf16's 8-bit mantissa.
+
 Trade-off: every checkpoint stores the frozen base (a plain resume, nothing else to fetch) at the price of
 size on disk; only the adapters and the special rows carry gradients and optimiser state.
 """
@@ -85,6 +88,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, special_token_ids: list[
         trainable_token_indices=tokens,
     )
     tuner = LoraModel(model, peft_cfg, "default")  # injects in place; marks only the adapters trainable
+    tuner._cast_adapter_dtype("default", autocast_adapter_dtype=True)  # fp32 adapters over a bf16 base, as peft's own
     for name, p in model.named_parameters():
         if name in keep:
             p.requires_grad_(keep[name])

@@ -302,14 +302,13 @@ def count_parameters(vlm: ModelConfig) -> Counts:
     root_trainable = sum(p.numel() for i, p in params.items() if i not in in_layers and i not in frozen) + latent + specials
     layer = sum(p.numel() for p in layers[0].parameters()) + lora
     layer_trainable = lora if vlm.lora.enabled or id(next(layers[0].parameters())) in frozen else layer
-    ours = 4 * (latent + lora * len(layers))  # mmlatent's heads and peft's adapters are fp32
+    ours = 4 * (latent + lora * len(layers) + specials)  # mmlatent's heads, peft's adapters and token rows: fp32
     trained = [p for i, p in params.items() if i not in frozen]
-    embed_bytes = model.get_input_embeddings().weight.element_size()
-    fp32 = latent + lora * len(layers) + sum(p.numel() for p in params.values() if p.dtype == torch.float32)
+    fp32 = latent + lora * len(layers) + specials + sum(p.numel() for p in params.values() if p.dtype == torch.float32)
     return Counts(
         layer=layer, layer_trainable=layer_trainable, layers=len(layers), root=root, root_trainable=root_trainable,
         total_bytes=sum(p.numel() * p.element_size() for p in params.values()) + ours,
-        trainable_bytes=sum(p.numel() * p.element_size() for p in trained) + ours + specials * embed_bytes,
+        trainable_bytes=sum(p.numel() * p.element_size() for p in trained) + ours,
         wide=fp32,
         hidden=D, kv_dim=kv_dim, vocab=model.get_output_embeddings().weight.shape[0], tokens_per_image=tokens,
     )

@@ -56,6 +56,20 @@ def test_adapters_train_and_the_base_lm_is_frozen(name):
     assert all(not p.requires_grad for p in embedding.parameters() if p is not delta)
 
 
+def test_adapters_and_token_rows_are_fp32_over_a_bf16_base():
+    cfg = preset("tiny-qwen2.5-vl")
+    cfg.native.dtype = "bfloat16"
+    cfg.lora = LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=0.0)
+    model = LatentVLM(cfg)
+    adapters = [p for n, p in model.named_parameters() if any(mark in n for mark in ADAPTER_MARKS)]
+    assert adapters and all(p.dtype == torch.float32 and p.requires_grad for p in adapters)
+    assert model.backbone.transformers_model.get_decoder().layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    ids, mask, pos, pixels = make_batch(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, mask, pos, pixels).logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-qwen2.5-vl", "tiny-llava"])
 def test_merge_is_exact_and_leaves_a_plain_model(name):
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -26,7 +26,7 @@ MODEL_PREFIX = "model."
 
 
 INIT_CHUNK_BYTES = 256 * 2**20
-"""How much of a checkpoint `init_weights` copies before releasing the file pages it read."""
+"""How much of a checkpoint `init_weights` and `load_model` copy before releasing the file pages they read."""
 
 READ_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError)
 """What `torch.load` raises on a file that is not a readable checkpoint."""
@@ -86,8 +86,26 @@ def load_model(path: str | Path) -> LatentVLM:
     """The `LatentVLM` a checkpoint holds, built from its stored config, in eval mode."""
     ckpt = read_checkpoint(path)
     model = LatentVLM(from_dict(ModelConfig, ckpt["hyper_parameters"]["vlm"]))
-    model.load_state_dict(model_state(ckpt), strict=True)
+    state, own = model_state(ckpt), model.state_dict()
+    if set(state) != set(own):
+        missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        raise ValueError(f"checkpoint {path} does not match the model it describes: missing {missing[:5]}, "
+                         f"unknown {unknown[:5]}")
+    _copy_in_chunks(model, state)
     return model.eval()
+
+
+def _copy_in_chunks(model: LatentVLM, state: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state)` in chunks of `INIT_CHUNK_BYTES`, handing each chunk's pages of the
+    memory-mapped checkpoint back once copied (weight_memory.py): the host holds the model and one chunk."""
+    pages, chunk, size = FilePages(), {}, 0
+    for i, (name, tensor) in enumerate(state.items(), 1):
+        chunk[name], size = tensor, size + tensor.numel() * tensor.element_size()
+        if size >= INIT_CHUNK_BYTES or i == len(state):
+            model.load_state_dict(chunk, strict=False)
+            for view in chunk.values():
+                pages.release(view)
+            chunk, size = {}, 0
 
 
 def init_weights(model: LatentVLM, path: str | Path) -> list[str]:
@@ -96,8 +114,7 @@ def init_weights(model: LatentVLM, path: str | Path) -> list[str]:
     Every tensor the checkpoint holds must fit; parameters the checkpoint lacks keep their fresh init (a
     later stage may add an LQ-Former or a diffusion head) and their names are returned so the caller can
     say so. A shape mismatch or an unknown key is an error naming the tensor. The memory-mapped checkpoint
-    is copied in chunks of `INIT_CHUNK_BYTES` whose pages are released after each, so the host holds the
-    model and one chunk, not two models.
+    is copied in chunks (`_copy_in_chunks`), so the host holds the model and one chunk, not two models.
     """
     state = model_state(read_checkpoint(path))
     own = model.state_dict()
@@ -107,12 +124,5 @@ def init_weights(model: LatentVLM, path: str | Path) -> list[str]:
     for name, tensor in state.items():
         if own[name].shape != tensor.shape:
             raise ValueError(f"init_from {path}: {name} has shape {tuple(tensor.shape)}, model has {tuple(own[name].shape)}")
-    pages, chunk, size = FilePages(), {}, 0
-    for i, (name, tensor) in enumerate(state.items(), 1):  # each chunk's file pages go back once copied
-        chunk[name], size = tensor, size + tensor.numel() * tensor.element_size()
-        if size >= INIT_CHUNK_BYTES or i == len(state):
-            model.load_state_dict(chunk, strict=False)
-            for view in chunk.values():
-                pages.release(view)
-            chunk, size = {}, 0
+    _copy_in_chunks(model, state)
     return sorted(set(own) - set(state))

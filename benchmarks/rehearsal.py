@@ -214,7 +214,7 @@ def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: floa
             teacher = run(f"teacher-{stage}", mmlatent("teacher", "--stage", stage, "--checkpoint", previous, "--shards",
                                                        "data/layout/train", "data/layout/val", "--out",
                                                        f"runs/{flag.recipes}/{stage}/teacher", "--batch-size", "1",
-                                                       "--workers", "0", "--dtype", "bfloat16"), cwd, logs)
+                                                       "--workers", "0", "--dtype", "bfloat16", "--max-length", "4096"), cwd, logs)
             result["stages"][f"teacher-{stage}"] = {"peak_gib": round(teacher.peak_bytes / GiB, 2), "seconds": teacher.seconds,
                                                     "ok": teacher.returncode == 0}
             if teacher.returncode:

@@ -126,6 +126,9 @@ def test_three_stages_hand_off_through_the_cli(tmp_path, monkeypatch):
     main(["fit", "-c", str(configs / "stage2.yaml"), *common])
     main(["teacher", "--stage", "stage3", "--checkpoint", "runs/tiny/stage2/checkpoints/last.ckpt",
           "--shards", "synth/train", "synth/val", "--out", "runs/tiny/stage3/teacher", "--dtype", "float32"])
+    with pytest.raises(RuntimeError, match="no usable sample"):  # --max-length reaches the teacher's processor
+        main(["teacher", "--stage", "stage3", "--checkpoint", "runs/tiny/stage2/checkpoints/last.ckpt",
+              "--shards", "synth/val", "--out", "runs/tiny/short", "--max-length", "8"])
     # the demo's stage-3 recipe aligns to nothing (align_weight 0): turn alignment and sketches on to read the cache
     main(["fit", "-c", str(configs / "stage3.yaml"), *common, "--model.stage.align_weight=2.0",
           "--model.stage.grounding.sketch_weight=0.1", "--model.stage.teacher.cache=runs/tiny/stage3/teacher"])

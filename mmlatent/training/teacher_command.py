@@ -15,7 +15,7 @@ import json
 import torch
 
 from mmlatent.data.pipeline import ShardStream
-from mmlatent.data.processor import Processor
+from mmlatent.data.processor import Processor, ProcessorConfig
 from mmlatent.data.shards import expand_shards, manifest_count
 from mmlatent.data.skips import SkipSummary
 from mmlatent.training.checkpoint_reader import load_model
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="samples per teacher forward")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="storage dtype")
     ap.add_argument("--workers", type=int, default=1, help="data-loader workers")
+    ap.add_argument("--max-length", type=int, default=ProcessorConfig.max_length,
+                    help="longest sample in tokens, as the stage's data.processor.max_length (longer ones are "
+                    "skipped and counted, and the stage would find no states for them)")
     ap.add_argument("--allow-partial", action="store_true", help="read a folder without a complete manifest.json, "
                     "or a brace pattern some of whose files are missing")
     args = ap.parse_args(argv)
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.checkpoint)
     stage = build_stage(StageConfig(name=args.stage, align_weight=0.0))  # layouts only
     layout = stage.teacher_layout(model.cfg.latent.slots)
-    processor = Processor.for_model(model, layout)
+    processor = Processor.for_model(model, layout, ProcessorConfig(max_length=args.max_length))
     urls = [u for spec in args.shards for u in expand_shards(spec, "--shards", args.allow_partial)]
     counts = [manifest_count(spec) for spec in args.shards]
     total = None if None in counts else sum(counts)

@@ -86,14 +86,22 @@ def _set(tree: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
+def _merged(defaults: dict, given: dict) -> dict:
+    """`defaults` with `given`'s values laid over it, section by section."""
+    out = dict(defaults)
+    for k, v in given.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def configs(recipe_name: str, sets: list[str]) -> dict:
     """The typed configs of a run: the recipe's stage and optimiser, its preset model, the demo's task."""
     rec = yaml.safe_load(recipe(recipe_name).read_text())["model"]
     trees = {
         "synth": dataclasses.asdict(DemoConfig().synth),
         "model": dataclasses.asdict(preset(rec["vlm"]["preset"])),
-        "stage": rec["stage"],
-        "optim": rec.get("optim", {}),
+        "stage": _merged(dataclasses.asdict(StageConfig()), rec["stage"]),  # every field settable, the recipe's values
+        "optim": _merged(dataclasses.asdict(OptimConfig()), rec.get("optim", {})),
         "run": dataclasses.asdict(RunConfig()),
     }
     for item in sets:
@@ -103,9 +111,6 @@ def configs(recipe_name: str, sets: list[str]) -> dict:
         section, _, rest = key.partition(".")
         if section not in trees:
             raise SystemExit(f"--set {item!r}: unknown section {section!r} (known: {sorted(trees)})")
-        if section in ("stage", "optim") and rest.split(".")[0] not in trees[section]:
-            fields = StageConfig if section == "stage" else OptimConfig
-            trees[section].setdefault(rest.split(".")[0], dataclasses.asdict(fields())[rest.split(".")[0]])
         _set(trees[section], rest, yaml.safe_load(raw))
     return {
         "synth": from_dict(SynthConfig, trees["synth"], "synth"),

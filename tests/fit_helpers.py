@@ -54,8 +54,23 @@ def run_fit(folder: Path, data: Path, *args: str, callbacks: list[dict] = (), ti
            f"--data.train.shards={data / 'train'}", f"--data.val.shards={data / 'val'}", "--data.batch_size=4",
            "--data.shuffle_buffer=6", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    # its own process group: on a timeout every process of the run (ranks, data workers) prints where it
+    # stands (faulthandler on SIGABRT), so a hang fails with its stacks instead of a bare timeout
+    proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd[:4])} ... did not end within {timeout} s; the stacks of its processes:\n"
+                             f"{stderr[-12000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def recorded_steps(folder: Path, rank: int = 0) -> list[dict]:

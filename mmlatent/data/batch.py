@@ -53,6 +53,9 @@ class ProcessedSample:
     answer. Stage 1's and the direct baseline's grounding losses ask there where the region is."""
     anchor_regions: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
     """(N_anc, n_visual) the image tokens inside each anchor's region (as `aux_regions`)."""
+    anchor_steps: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """(N_anc,) -1 for an anchor read where the grounding's `attention_layers` say; k ≥ 0 for the k-th region
+    on the direct answer's path (`SequenceLayout.answer_path`), read at `path_layers[k]`."""
     teacher: "ProcessedSample | None" = None
     """The same sample in the online teacher's layout (distillation stages), else None."""
     truncated: bool = False
@@ -99,6 +102,8 @@ class Batch:
     """(N_anc, 2) (row, column) of each anchor token (see `ProcessedSample.anchors`)."""
     anchor_regions: Tensor = field(default_factory=lambda: torch.zeros(0, 1, dtype=torch.bool))
     """(N_anc, M) each anchor's region over its sample's image tokens, as `aux_regions`."""
+    anchor_steps: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    """(N_anc,) each anchor's path step (see `ProcessedSample.anchor_steps`)."""
     block_mask: Tensor | None = None
     """(B, 1, L, L) bool "may attend" mask when some image is hidden from later text (stage 2), else None
     (the padding mask and causality say everything)."""
@@ -175,6 +180,7 @@ def collate(
     anchors = torch.cat([torch.stack([torch.full_like(s.anchors, i), s.anchors + a], -1)
                          for i, (s, a) in enumerate(zip(samples, lefts))])  # (N_anc, 2) in batch columns
     anchor_regions = _stack_regions([s.anchor_regions for s in samples], M)  # (N_anc, M)
+    anchor_steps = torch.cat([s.anchor_steps for s in samples])  # (N_anc,)
     spans = [s.hidden_spans + a for s, a in zip(samples, lefts)]  # in batch columns
     block_mask = block_attention_mask(attention, spans) if any(x.numel() for x in spans) else None
     teachers = [s.teacher for s in samples]
@@ -198,6 +204,7 @@ def collate(
         aux_regions=aux_regions,
         anchors=anchors,
         anchor_regions=anchor_regions,
+        anchor_steps=anchor_steps,
         block_mask=block_mask,
         teacher=teacher,
     )

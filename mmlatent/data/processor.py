@@ -50,6 +50,11 @@ class SequenceLayout:
     """Cross-entropy weight of tokens inside `<observation>…</observation>` (stage 1: ×2, later ×4)."""
     answer_template: str = "The answer is {answer}."
     """Assistant text when `reasoning="answer_only"`."""
+    answer_path: int = 0
+    """`answer_only`: how many of the reasoning's regions before the answer's (the regions of its aux images,
+    in order: a walk's start cell, then each cell passed) the token before the answer also anchors, the k-th
+    tagged k (`ProcessedSample.anchor_steps`) so the direct baseline's grounding reads it at its own layer;
+    0: the answer's region only."""
     latent_slots: int = 4
     """Slots N of each latent block that stands for an auxiliary image."""
     coconut_steps: int = 0
@@ -154,7 +159,7 @@ class Processor:
                    add_anchor) -> None:
         """Emit an assistant turn's content in the layout's form."""
         if lay.reasoning == "answer_only":
-            self._answer(lay, meta, emit, add_anchor)
+            self._answer(lay, meta, content, emit, add_anchor)
             return
         k = self.coconut_k(sum(1 for it in content if it["type"] == "text"), lay) if lay.coconut_steps or lay.coconut_growth else 0
         texts_seen = 0
@@ -204,14 +209,18 @@ class Processor:
             done = opened[0] + 1
         emit(tokens[done:], True)
 
-    def _answer(self, lay: SequenceLayout, meta: dict, emit, add_anchor) -> None:
+    def _answer(self, lay: SequenceLayout, meta: dict, content: list[dict], emit, add_anchor) -> None:
         """The answer-only turn; the token before the answer anchors the sample's `answer` region (the part of
-        the image the answer is read from), when the template's head tokenises on its own."""
+        the image the answer is read from), when the template's head tokenises on its own, and with
+        `answer_path` the first regions the reasoning reads on its way there (each tagged with its step)."""
         tokens = self.encode_text(lay.answer_template.format(answer=meta["answer"]))
         head = self.encode_text(lay.answer_template.split("{answer}")[0].rstrip())
         if head and tokens[: len(head)] == head:
             emit(head, True)
             add_anchor("answer")
+            path = [it["ref"] for it in content if it["type"] == "aux_image"][:-1]  # the last is the answer's
+            for step, ref in enumerate(path[: lay.answer_path]):
+                add_anchor(ref, step)
             tokens = tokens[len(head) :]
         emit(tokens, True)
 
@@ -229,7 +238,7 @@ class Processor:
         targets: list[tuple[int, torch.Tensor, str]] = []  # (block index within the sample, aux image, its ref)
         image_slots: dict[str, int] = {}  # ref -> index of its first token among the sample's image tokens
         spans: list[tuple[int, int, int]] = []  # (image start, image end, visible until): stage-2 mask
-        anchors: list[tuple[int, str]] = []  # (position of a token that reads a region, the region's ref)
+        anchors: list[tuple[int, str, int]] = []  # (position of a token that reads a region, its ref, its path step or -1)
         prompt_length = None
 
         def emit(tokens: list[int], label: bool) -> None:
@@ -248,9 +257,9 @@ class Processor:
         def add_target(ref: str) -> None:  # the block about to be emitted stands for this image
             targets.append((ids.count(self.ids.latent_start), self.transform(images[ref]), ref))
 
-        def add_anchor(ref: str) -> None:  # the region `ref` is read from the token emitted last
+        def add_anchor(ref: str, step: int = -1) -> None:  # the region `ref` is read from the token emitted last
             if ref in (meta.get("regions") or {}):
-                anchors.append((len(ids) - 1, ref))
+                anchors.append((len(ids) - 1, ref, step))
 
         def hide(image_start: int, visible_tokens_after: int) -> None:  # called before the block is emitted
             end = image_start + self.tokens_per_image
@@ -272,9 +281,10 @@ class Processor:
             raise SampleError("no_assistant_turn", "the sample has no assistant turn to learn", key)
         regions = self._regions(meta.get("regions") or {}, [ref for _, _, ref in targets], image_slots, len(pixels))
         sample = self._finish(lay, key, meta, ids, labelled, pixels, targets, spans, prompt_length, regions)
-        anchor_regions = self._regions(meta.get("regions") or {}, [ref for _, ref in anchors], image_slots, len(pixels))
-        kept = [i for i, (pos, _) in enumerate(anchors) if pos + 1 < len(sample.input_ids)]  # truncation keeps its image
+        anchor_regions = self._regions(meta.get("regions") or {}, [ref for _, ref, _ in anchors], image_slots, len(pixels))
+        kept = [i for i, (pos, _, _) in enumerate(anchors) if pos + 1 < len(sample.input_ids)]  # truncation keeps its image
         sample.anchors = torch.tensor([anchors[i][0] for i in kept], dtype=torch.long)
+        sample.anchor_steps = torch.tensor([anchors[i][2] for i in kept], dtype=torch.long)
         sample.anchor_regions = anchor_regions[kept][:, : sample.pixel_values.shape[0] * self.tokens_per_image]
         return sample
 

@@ -58,6 +58,11 @@ class GroundingConfig:
     (`model.vlm.lm.attn_implementation: eager`)."""
     attention_layers: list[int] = field(default_factory=lambda: [-1])
     """LM layers whose attention the attention loss trains (Python indices: -1 is the last)."""
+    path_layers: list[int] = field(default_factory=list)
+    """The direct baseline: the token before the answer also reads the regions its answer is reached through,
+    the k-th (a walk's start cell, then each cell passed) at layer `path_layers[k]`, the answer's own at
+    `attention_layers`: the path a chain of thought reads in turn, read here in depth within one position.
+    Regions past the list's length are not trained; empty: the answer's region only."""
 
     def check(self, model: LatentVLM) -> None:
         """Fail at start, naming the field, when a loss is on but the model lacks its module."""
@@ -74,6 +79,10 @@ class GroundingConfig:
             bad = [i for i in self.attention_layers if not -n <= i < n]
             if bad or not self.attention_layers:
                 raise ValueError(f"stage.grounding.attention_layers={self.attention_layers}: need layer indices in [-{n}, {n})")
+            if any(not -n <= i < n for i in self.path_layers):
+                raise ValueError(f"stage.grounding.path_layers={self.path_layers}: need layer indices in [-{n}, {n})")
+        elif self.path_layers:
+            raise ValueError("stage.grounding.path_layers are read by the attention loss: set attention_weight > 0")
 
     @property
     def any(self) -> bool:
@@ -92,15 +101,19 @@ def anchor_relevance(model: LatentVLM, batch: Batch, embeds: Tensor, last_hidden
     return model.lq_former.selector.relevance(last_hidden[rows, cols], tokens, mask)
 
 
-def anchor_attention(model: LatentVLM, batch: Batch, embeds: Tensor, attentions: tuple[Tensor, ...], layers: list[int]) -> Tensor:
+def anchor_attention(model: LatentVLM, batch: Batch, embeds: Tensor, attentions: tuple[Tensor, ...], layers: list[int],
+                     path_layers: list[int] = ()) -> Tensor:
     """(N_anc, M) where the LM looks in the prompt's images from each anchor token (`batch.anchors`): its
-    attention probabilities over the prompt's image tokens, averaged over heads and `layers`, renormalised
-    over those tokens.
+    attention probabilities over the prompt's image tokens, averaged over heads and `layers` (an anchor of
+    path step k: at `path_layers[k]` alone), renormalised over those tokens.
 
     embeds (B, L, D) the LM inputs; attentions: per layer (B, H, L, L) probabilities."""
     visual = model.visual_context(batch.input_ids, embeds, batch.prompt_end)
     rows, cols = batch.anchors.unbind(-1)  # (N_anc,), (N_anc,)
     att = torch.stack([attentions[i][rows, :, cols] for i in layers]).mean((0, 2))  # (N_anc, L): layers, heads averaged
+    for step, layer in enumerate(path_layers):
+        at_step = (batch.anchor_steps == step)[:, None]  # (N_anc, 1)
+        att = torch.where(at_step, attentions[layer][rows, :, cols].mean(1), att)  # (N_anc, L): that layer, heads averaged
     keys = visual.positions[rows].clamp_max(att.shape[-1] - 1)  # (N_anc, M) the image tokens' columns
     on_image = torch.gather(att, 1, keys) * visual.valid[rows]  # (N_anc, M)
     return on_image / on_image.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -134,6 +134,11 @@ class Stage1(Stage):
     name = "stage1"
     default_observation_weight = 2.0
 
+    def __init__(self, cfg: StageConfig):
+        super().__init__(cfg)
+        if cfg.grounding.path_layers and not isinstance(self, Direct):
+            raise ValueError(f"stage.grounding.path_layers: {cfg.name} has no answer path to read (it is for direct)")
+
     def layout(self, latent_slots: int) -> SequenceLayout:
         return SequenceLayout(
             aux_images="inline", reasoning="full", observation_weight=self.observation_weight,
@@ -152,7 +157,7 @@ class Stage1(Stage):
         return AnchoredOutput(
             **{**vars(out), "attentions": None},
             relevance=anchor_relevance(model, batch, embeds, out.last_hidden) if selects else None,
-            attention=anchor_attention(model, batch, embeds, out.attentions, g.attention_layers) if attends else None,
+            attention=anchor_attention(model, batch, embeds, out.attentions, g.attention_layers, g.path_layers) if attends else None,
         )
 
     def losses(self, model: LatentVLM, batch: Batch, out: LMOutput) -> dict[str, Tensor]:
@@ -180,6 +185,7 @@ class Direct(Stage1):
         return SequenceLayout(
             aux_images="drop", reasoning="answer_only", observation_weight=self.observation_weight,
             answer_template=self.cfg.answer_template,
+            answer_path=len(self.cfg.grounding.path_layers) if self.cfg.grounding.attention_weight > 0 else 0,
         )
 
 

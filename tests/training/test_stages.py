@@ -319,3 +319,38 @@ def test_attention_grounding_trains_where_the_lm_looks_from_each_reading_token(s
         grounding.check(sdpa)
     with pytest.raises(ValueError, match="attention_weight"):
         build_stage(StageConfig(name="stage3", align_weight=0.0, grounding=grounding))
+
+
+def test_direct_path_grounding_reads_each_cell_of_the_walk_at_its_own_layer():
+    """`grounding.path_layers`: the token before a direct answer also anchors the regions the walk passes
+    before the answer's (its start cell first), the k-th read at `path_layers[k]` alone (checked by hand);
+    regions past the list are not anchored, and stage 1 refuses the field."""
+    from mmlatent.data.synthetic import SynthConfig, TaskMix, generate_sample
+    from mmlatent.model.latent_vlm import LatentVLM
+    from mmlatent.model.presets import preset
+    from mmlatent.training.grounding import GroundingConfig
+
+    torch.manual_seed(0)
+    model = LatentVLM(preset("tiny-demo"))
+    grounding = GroundingConfig(attention_weight=1.0, attention_layers=[-1], path_layers=[1])
+    stage = build_stage(StageConfig(name="direct", grounding=grounding))
+    proc = Processor.for_model(model, stage.layout(model.cfg.latent.slots))
+    synth = SynthConfig(image_size=48, grid_size=3, palette=("red", "green", "blue", "yellow"), num_choices=4,
+                        task_mix=TaskMix(walk=1.0), hops=(1, 2), moves="colours")
+    raws = [generate_sample(synth, 0, "train", i) for i in range(4)]
+    batch = proc.collate([proc({"key": r.key, "meta": r.meta, "images": r.images}) for r in raws])
+    assert batch.anchor_steps.tolist() == [-1, 0] * 4  # the answer's region, then the start cell; 2 moves: no more
+    starts = [proc({"key": r.key, "meta": {**r.meta, "regions": {"answer": r.meta["regions"]["aux0"]}}, "images": r.images})
+              for r in raws]
+    for i, s in enumerate(starts):  # the step-0 anchor's region is the start cell (aux0's)
+        torch.testing.assert_close(batch.anchor_regions[2 * i + 1, : s.anchor_regions.shape[1]], s.anchor_regions[0])
+    out = stage.forward(model, batch)
+    with torch.no_grad():
+        embeds = model.embed_inputs(batch.input_ids, batch.pixel_values)
+        full = model.backbone.forward_lm(embeds, batch.lm_attention_mask, batch.position_ids, output_attentions=True)
+    for a, ((row, col), step) in enumerate(zip(batch.anchors.tolist(), batch.anchor_steps.tolist())):
+        cols = (batch.input_ids[row] == model.ids.image).nonzero().flatten()[: model.tokens_per_image]
+        att = full.attentions[1 if step == 0 else -1][row, :, col, cols].mean(0)
+        torch.testing.assert_close(out.attention[a], att / att.sum())
+    with pytest.raises(ValueError, match="path_layers"):
+        build_stage(StageConfig(name="stage1", grounding=grounding))

@@ -68,7 +68,7 @@ def apply_acceleration(model, cfg: AccelerationConfig, trains_with_kv_cache: boo
                 "or train the latent stages with a native backbone"
             )
         else:
-            backbone.transformers_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            backbone.transformers_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         for layer in decoder_layers(model):
             layer.compile(mode=cfg.compile_mode)

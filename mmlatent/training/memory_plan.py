@@ -388,7 +388,7 @@ def _saved_bytes(decoder: nn.Module, tokens: int, dtype: torch.dtype, checkpoint
         return t
 
     if checkpointing:
-        decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     decoder.train()
     x = torch.randn(1, tokens, decoder.config.hidden_size, dtype=dtype, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -148,6 +148,20 @@ def stage_args(flag: Flagship, stage: str, folder: str, probe: Path, layers: dic
     return [recipe], over
 
 
+def release_heap() -> None:
+    """Hand the memory this process freed (the random model it wrote, the plan's probes) back to the system:
+    glibc keeps freed heap pages, which the next stage's process would otherwise find taken (a 7B stage 2
+    was killed for memory beside a 3.5 GB idle parent)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def predict(configs: list[str], overrides: list[str], cwd: Path, tokens: int, runtime: int) -> dict:
     """The memory model's plan for one stage on this CPU at the measured sequence length."""
     from mmlatent.training.memory_plan import Device, activation_probe, count_parameters, plan_memory, read_recipe, settings_of
@@ -160,6 +174,7 @@ def predict(configs: list[str], overrides: list[str], cwd: Path, tokens: int, ru
         act = activation_probe(s.vlm, s.compute_dtype)
     finally:
         os.chdir(here)
+    release_heap()
     plan = plan_memory(s, counts, act, Device(memory_gib=available_bytes() / GiB, count=1, kind="cpu"), seq_len=tokens,
                        batch_size=1, runtime=float(runtime))
     return {"total": plan.total, "row": plan.row(), "parameters": counts.total}
@@ -194,6 +209,7 @@ def rehearse(name: str, flag: Flagship, work: Path, layers: dict, headroom: floa
     if not (cwd / folder / "config.json").is_file():
         write_random_model(flag.arch, cwd / folder, synthetic_tokenizer_dir(512), text_layers=layers["text"],
                            vision_layers=layers["vision"], dtype="bfloat16", full_tokenizer=True)
+        release_heap()
     layout = LayoutConfig(question_images=[(1024, 768)], aux_images=[(768, 768)], question_words=16, step_words=16)
     for split, n, seed in (("train", STEPS + 1, 0), ("val", 1, 99)):
         if not (cwd / "data" / "layout" / split).is_dir():

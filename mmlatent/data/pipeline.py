@@ -301,6 +301,21 @@ class ShardStream(wds.DataPipeline):
         return replace(self.collate_fn([sample]), filler=True)
 
 
+def _shut_down(it) -> None:
+    """Stop a `DataLoader` iterator's workers now and wait until its index queues' feeder threads have
+    exited. The DataLoader only closes those queues, and the threads end on their own a moment later: a
+    fork of the next epoch's workers while one is still ending can leave the child blocked forever in
+    CPython's after-fork thread clean-up (a 2-rank DDP run hung so at an epoch's start)."""
+    shutdown = getattr(it, "_shutdown_workers", None)  # absent with num_workers=0: nothing was forked
+    if shutdown is None:
+        return
+    shutdown()
+    for queue in getattr(it, "_index_queues", ()):
+        feeder = getattr(queue, "_thread", None)
+        if feeder is not None:
+            feeder.join(timeout=10)
+
+
 class EpochLoader:
     """A `DataLoader` over a `ShardStream` that runs exactly the plan's steps per epoch on every rank.
 
@@ -346,15 +361,18 @@ class EpochLoader:
         self.stream.position = StreamPosition(self.epoch, self.rank, self.world_size, start)
         self.steps_done = start
         it = iter(self.loader)
-        for i in range(start, self.batches):
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise RuntimeError(
-                    f"rank {self.rank}: the shard stream ended after {i} of {self.batches} planned batches"
-                ) from None
-            self.steps_done = i + 1
-            yield batch
+        try:
+            for i in range(start, self.batches):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise RuntimeError(
+                        f"rank {self.rank}: the shard stream ended after {i} of {self.batches} planned batches"
+                    ) from None
+                self.steps_done = i + 1
+                yield batch
+        finally:
+            _shut_down(it)
 
     def state_dict(self) -> dict:
         """The epoch and the steps taken (every rank's and worker's position follows from them and the plan),

@@ -131,6 +131,26 @@ def test_epoch_loader_gives_every_sample_once_per_epoch(tmp_path, processor):
     assert epochs[0] != epochs[1]  # reshuffled per epoch
 
 
+def test_an_epoch_ends_with_its_workers_and_their_queue_threads_gone(tmp_path, processor):
+    """The next epoch forks its workers only once the last epoch's are gone, queue feeder threads
+    included (a fork while one is still ending can hang the child: see `_shut_down`)."""
+    import threading
+
+    stats = write_shards((raw(i) for i in range(7)), tmp_path, samples_per_shard=3, progress=False)
+    loader = EpochLoader(ShardStream(stats.shards, processor, processor.collate, 4, shuffle_buffer=2), num_workers=2)
+    before = set(threading.enumerate())
+    it = iter(loader)
+    next(it)
+    assert any(t.name == "QueueFeederThread" for t in set(threading.enumerate()) - before)  # the workers' queues
+    rest = list(it)  # the epoch's last batch, then the shut-down
+    assert len(rest) == 1
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]
+    it = iter(loader)
+    next(it)
+    it.close()  # an epoch stopped early (a crash, max_steps) shuts its workers down the same way
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]
+
+
 def test_all_shards_unreadable_is_a_clear_error(tmp_path, processor):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is no tar" * 100)
